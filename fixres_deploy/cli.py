@@ -8,6 +8,8 @@ onnxruntime, tensorrt or CUDA. Errors the user can fix are printed in one line (
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -364,8 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in PARSERS:
         add(sub)
+    for module_name in COMMAND_MODULES:
+        # Each module registers its handlers with @command and lists parser builders in
+        # PARSERS; like this one, it must import nothing heavy at module level.
+        module = importlib.import_module(module_name)
+        for add in module.PARSERS:
+            add(sub)
     return parser
 
+
+# Subcommands of later pipeline stages live in their own modules (same conventions).
+COMMAND_MODULES = [
+    name for name in ("fixres_deploy.cli_engines", "fixres_deploy.cli_ship")
+    if importlib.util.find_spec(name) is not None
+]
 
 PARSERS: list[Callable] = [
     _demo_parser, _prior_parser, _evaluate_parser, _finetune_parser, _demo_data_parser, _train_parser,
