@@ -410,20 +410,58 @@ def _make_optimizer(params, opts: FinetuneOptions, steps_total: int):
     return opt, sched
 
 
-def _set_bn_cumulative(model, bn_names: Sequence[str]) -> dict:
-    saved = {}
-    for name in bn_names:
-        bn = model.get_submodule(name)
-        saved[name] = bn.momentum
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average: the exact mean over the pass
-        bn.train()
-    return saved
+class _ExactBNStats:
+    """Exact per-channel mean/variance of the selected BNs' inputs over one pass.
 
+    PyTorch's cumulative average (``momentum=None``) weights every *batch* equally, so a
+    short last batch skews it; summing x and x² per channel gives the population statistics
+    whatever the batch sizes. The BNs run in eval mode during the pass (their output is not
+    used for anything but the forward), and the statistics are written at the end.
+    """
 
-def _restore_bn_momentum(model, saved: dict) -> None:
-    for name, momentum in saved.items():
-        model.get_submodule(name).momentum = momentum
+    def __init__(self, model, bn_names: Sequence[str]):
+        import torch
+
+        self.model = model
+        self.bns = {name: model.get_submodule(name) for name in bn_names}
+        self.sums: dict = {}
+        self.handles = []
+        for name, bn in self.bns.items():
+            self.sums[name] = [torch.zeros(bn.num_features, dtype=torch.float64),
+                               torch.zeros(bn.num_features, dtype=torch.float64), 0]
+            self.handles.append(bn.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(_module, inputs):
+            x = inputs[0].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            acc = self.sums[name]
+            acc[0] += x.double().sum(dim=dims).cpu()
+            acc[1] += (x.double() ** 2).sum(dim=dims).cpu()
+            acc[2] += x.numel() // x.shape[1]
+
+        return hook
+
+    def __enter__(self):
+        for bn in self.bns.values():
+            bn.eval()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        for h in self.handles:
+            h.remove()
+        if exc_type is not None:
+            return
+        for name, bn in self.bns.items():
+            s, s2, n = self.sums[name]
+            if n < 2:
+                continue
+            mean = s / n
+            var = (s2 / n - mean**2).clamp_min(0) * n / (n - 1)  # unbiased, as BatchNorm stores
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(var.to(bn.running_var.dtype))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
 
 
 def _estimate_cache_bytes(trunk, sample) -> int:
@@ -496,14 +534,12 @@ def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
     loss_value = float("nan")
     if opts.bn_stats_only or not trainable:
         if mods.bn_names:
-            saved = _set_bn_cumulative(model, mods.bn_names)
             loader = _naive_loader(index, transform, _batches(n, 0, opts), opts)
-            with torch.no_grad():
+            with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for images, _, _, skipped in progress(loader, desc=f"BN stats @{cfg.test_input_size}"):
                     skips.extend(skipped)
                     if images is not None:
                         model(images)
-            _restore_bn_momentum(model, saved)
     else:
         steps_total = opts.epochs * math.ceil(n / opts.batch_size)
         opt, sched = _make_optimizer(trainable, opts, steps_total)
@@ -528,13 +564,11 @@ def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
                     g["lr"] *= 0.1
         bar.close()
         if opts.final_bn_pass and mods.bn_names:
-            saved = _set_bn_cumulative(model, mods.bn_names)
             loader = _naive_loader(index, finetune_transform(cfg, "test"), _batches(n, 0, opts), opts)
-            with torch.no_grad():
+            with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for images, _, _, _ in progress(loader, desc="final BN pass"):
                     if images is not None:
                         model(images)
-            _restore_bn_momentum(model, saved)
     stats.train_s = time.perf_counter() - t0
     stats.skipped = len(skips)
     stats.skipped_files = skips.skipped
@@ -600,11 +634,9 @@ def _finetune_cached(model, split: TailSplit, index, cfg, opts, mods, trainable)
     loss_value = float("nan")
     tail = split.tail
     if opts.bn_stats_only or not trainable:
-        saved = _set_bn_cumulative(model, mods.bn_names)
-        with torch.no_grad():
+        with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
             for batch in _batches(m, 0, opts):
-                tail(*[t[batch] for t in frontier])
-        _restore_bn_momentum(model, saved)
+                tail(*[t[torch.as_tensor(batch)] for t in frontier])
     else:
         steps_total = opts.epochs * math.ceil(m / opts.batch_size)
         opt, sched = _make_optimizer(trainable, opts, steps_total)
@@ -623,11 +655,9 @@ def _finetune_cached(model, split: TailSplit, index, cfg, opts, mods, trainable)
                 for g in opt.param_groups:
                     g["lr"] *= 0.1
         if opts.final_bn_pass:
-            saved = _set_bn_cumulative(model, mods.bn_names)
-            with torch.no_grad():
+            with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for batch in _batches(m, 0, opts):
                     tail(*[t[torch.as_tensor(batch)] for t in frontier])
-            _restore_bn_momentum(model, saved)
     stats.train_s = time.perf_counter() - t1
     stats.final_loss = loss_value
     return stats

@@ -319,3 +319,87 @@ def load_runner(artifact: EngineArtifact | dict, **options: Any) -> Runner:
     if artifact.error:
         raise UserInputError(f"cannot run a failed build ({artifact.backend} {artifact.precision}): {artifact.error}")
     return _backend_module(artifact.backend).runner_from_artifact(artifact, **options)
+
+
+# --------------------------------------------------------------------------- shared by backends
+# (added with the engine backends; onnx is imported lazily, torch never)
+
+
+def error_artifact(
+    backend: str,
+    precision: str,
+    onnx_path: str | None,
+    shapes: ShapeSpec | None,
+    exc: BaseException,
+    *,
+    build_s: float = 0.0,
+    meta: dict | None = None,
+) -> EngineArtifact:
+    """The record of a failed build: message and exception type, so a sweep can go on."""
+    meta = dict(meta or {})
+    meta["error_type"] = type(exc).__name__
+    return EngineArtifact(backend=backend, precision=precision, path=None, source_onnx=onnx_path,
+                          shapes=shapes, build_s=build_s, meta=meta, error=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class OnnxIO:
+    """Name and dims of an ONNX model's single image input and first output.
+
+    ``input_dims`` holds an int per static axis and a string (the dim_param, or "?") per
+    dynamic axis.
+    """
+
+    input_name: str
+    input_dims: tuple
+    output_name: str
+    input_elem_type: int
+
+    @property
+    def dynamic_axes(self) -> list[int]:
+        return [i for i, d in enumerate(self.input_dims) if not isinstance(d, int)]
+
+
+def onnx_io(onnx_path: str) -> OnnxIO:
+    """Read the input/output signature of an ONNX file without loading its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(onnx_path, load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... for a bad file
+        raise UserInputError(f"'{onnx_path}' is not a readable ONNX model: {exc}") from exc
+    init_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init_names]
+    if len(inputs) != 1 or not model.graph.output:
+        raise UserInputError(
+            f"'{onnx_path}' has {len(inputs)} graph inputs and {len(model.graph.output)} outputs; "
+            "an image classifier needs exactly one input (N,C,H,W) and one output"
+        )
+    inp = inputs[0]
+    dims = []
+    for d in inp.type.tensor_type.shape.dim:
+        dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?"))
+    if len(dims) != 4:
+        raise UserInputError(f"'{onnx_path}': input '{inp.name}' has rank {len(dims)}, expected 4 (N,C,H,W)")
+    return OnnxIO(inp.name, tuple(dims), model.graph.output[0].name, int(inp.type.tensor_type.elem_type))
+
+
+def check_onnx_accepts(onnx_path: str, shapes: ShapeSpec, io: OnnxIO | None = None) -> OnnxIO:
+    """Refuse, before any build, a ShapeSpec that the ONNX file's static axes cannot serve.
+
+    A model exported with a fixed input cannot become an engine for another resolution or
+    batch: the fix is a dynamic export, not a build option.
+    """
+    io = io or onnx_io(onnx_path)
+    axis_names = ("batch", "channels", "height", "width")
+    for p in shapes.profiles:
+        for axis, d in enumerate(io.input_dims):
+            if isinstance(d, int) and not (p.min[axis] == d == p.max[axis]):
+                want = p.min[axis] if p.min[axis] == p.max[axis] else f"{p.min[axis]}..{p.max[axis]}"
+                raise UserInputError(
+                    f"'{onnx_path}' has a fixed input shape {list(io.input_dims)}, but an engine for "
+                    f"{axis_names[axis]} {want} was requested ({shapes.mode} profile min {list(p.min)} "
+                    f"max {list(p.max)}). Export the model with dynamic axes "
+                    "(fixres-deploy export --dynamic) or request its own shape."
+                )
+    return io
