@@ -328,17 +328,14 @@ def _train_parser(sub) -> None:
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     from fixres_deploy.pipeline import run_demo
-    from fixres_deploy.utils import parse_int_list
 
     _set_threads(args)
-    res = parse_int_list(args.resolutions, "--resolutions") if args.resolutions else None
-    summary = run_demo(args.out, size=args.size, resolutions=res)
-    _emit(args, summary, lambda s: "\n".join(
-        [f"demo finished in {s['seconds']:.0f} s -> {args.out}",
-         f"prior: recommended {s['prior']['recommended_test_res']}, candidates {s['prior']['candidates']}",
-         "test res  top-1 no-FT  top-1 FixRes"]
-        + [f"{r['resolution']:>8}  {r['top1_before']:.3f}       {r['top1_after']:.3f}" for r in s["curve"]]
-    ))
+    summary = run_demo(args.out, size=args.size)
+    _emit(args, summary, lambda s: "\n".join([
+        f"demo finished in {s['seconds']:.0f} s -> {args.out}",
+        f"report: {s['report_md']} (plots beside it), bundle: {s.get('bundle', {}).get('dir')}",
+        s["reason"],
+    ]))
     return 0
 
 
@@ -346,7 +343,6 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole job on the built-in demo data (README's main command)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", choices=["full", "test"], default="full", help="'test' is a smaller, faster run")
-    p.add_argument("--resolutions", help="override the candidate resolutions")
     _common(p)
 
 
@@ -377,7 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands of later pipeline stages live in their own modules (same conventions).
 COMMAND_MODULES = [
-    name for name in ("fixres_deploy.cli_engines", "fixres_deploy.cli_ship")
+    name for name in (
+        "fixres_deploy.cli_export",  # export, calibration
+        "fixres_deploy.cli_build",  # build
+        "fixres_deploy.cli_bench",  # bench
+        "fixres_deploy.cli_sweep",  # sweep, select, report, run
+        "fixres_deploy.cli_ship",  # bundle, predict, triton
+    )
     if importlib.util.find_spec(name) is not None
 ]
 

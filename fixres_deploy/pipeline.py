@@ -1,8 +1,8 @@
-"""End-to-end jobs: the demo on built-in data (and, as capabilities land, the full pipeline).
+"""End-to-end jobs: ``fixres-deploy run`` (a TOML config) and ``fixres-deploy demo``.
 
-``fixres-deploy demo --out DIR`` writes the procedurally generated data set, trains a small
-base model at 64 px with RandomResizedCrop, computes the resolution prior, and measures the
-paper's curve: top-1 per test resolution without and with FixRes fine-tuning.
+Data flows one way: config → prior → fine-tune → export → build → sweep → select → report →
+bundle. ``demo --out DIR`` does it on the built-in data: it writes the procedurally generated
+data set, trains a small base model at 64 px with RandomResizedCrop, and runs the pipeline.
 """
 
 from __future__ import annotations
@@ -76,63 +76,140 @@ def prepare_demo_model(out: str | os.PathLike, *, size: str = "full") -> dict:
     }
 
 
-def run_demo(out: str | os.PathLike, *, size: str = "full", resolutions: list[int] | None = None) -> dict:
-    """`fixres-deploy demo`: the whole job on the built-in data; writes DIR/fixres_curve.json/.md."""
-    from fixres_deploy.finetune import FinetuneOptions, finetune_resolutions
-    from fixres_deploy.data import index_image_folder
-    from fixres_deploy.models import load_model
-    from fixres_deploy.preprocess import resolve_preprocess
-    from fixres_deploy.prior import image_sizes_from_folder, resolution_prior
+PIPELINE_SECTIONS = {
+    "model": {"spec", "checkpoint", "num_classes", "train_res"},
+    "data": {"train", "eval"},
+    "sweep": {"resolutions", "prior_stride", "precisions", "backends", "shape_modes", "batch_sizes", "finetune",
+              "finetune_epochs", "finetune_lr", "calibration_size", "calibration_method", "int8_float_layers",
+              "exporter", "eval_limit", "eval_batch", "latency", "threads", "store", "retry_failed"},
+    "select": {"objective", "metric", "batch_size", "percentile", "latency_budget_ms", "min_throughput_ips",
+               "min_top1", "max_drop", "alpha", "backend", "shape_mode", "precision"},
+    "output": {"dir", "bundle", "tar", "triton"},
+}
+
+
+@dataclass
+class PipelineConfig:
+    """`fixres-deploy run`'s config: the TOML file's sections as dataclasses."""
+
+    sweep: "object"
+    select: "object"
+    out: str
+    bundle: bool = True
+    tar: bool = False
+    triton: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict, *, base_dir: str = ".") -> PipelineConfig:
+        from fixres_deploy.select import SelectionConfig
+        from fixres_deploy.sweep import SweepConfig
+
+        unknown = sorted(set(d) - set(PIPELINE_SECTIONS))
+        if unknown:
+            raise UserInputError(f"unknown config sections {unknown}; known: {sorted(PIPELINE_SECTIONS)}")
+        for section, keys in PIPELINE_SECTIONS.items():
+            extra = sorted(set(d.get(section, {})) - keys)
+            if extra:
+                raise UserInputError(f"unknown keys {extra} in [{section}]; known: {sorted(keys)}")
+
+        def path(v):
+            return v if v is None or os.path.isabs(v) else os.path.normpath(os.path.join(base_dir, v))
+
+        m, data, sw = d.get("model", {}), d.get("data", {}), dict(d.get("sweep", {}))
+        for key in ("checkpoint",):
+            if key not in m:
+                raise UserInputError(f"[model] needs '{key}'")
+        for key in ("train", "eval"):
+            if key not in data:
+                raise UserInputError(f"[data] needs '{key}' (an ImageFolder root)")
+        if "finetune" in sw:
+            sw["finetune"] = [bool(v) for v in sw["finetune"]]
+        if "store" in sw:
+            sw["store"] = path(sw["store"])
+        sweep = SweepConfig(checkpoint=path(m["checkpoint"]), model=m.get("spec"), num_classes=m.get("num_classes"),
+                            train_res=m.get("train_res"), train_data=path(data["train"]), eval_data=path(data["eval"]),
+                            **sw)
+        select = SelectionConfig(**d.get("select", {}))
+        o = d.get("output", {})
+        if "dir" not in o:
+            raise UserInputError("[output] needs 'dir'")
+        return cls(sweep=sweep, select=select, out=path(o["dir"]), bundle=o.get("bundle", True),
+                   tar=o.get("tar", False), triton=o.get("triton", True))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> PipelineConfig:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError as exc:
+            raise UserInputError(f"config '{path}' does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise UserInputError(f"config '{path}' is not valid TOML: {exc}") from exc
+        return cls.from_dict(d, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def run_pipeline(pc: PipelineConfig) -> dict:
+    """`fixres-deploy run`: prior → fine-tune → export → build → sweep → select → report → bundle.
+
+    Resumable: every measured stage is in the result store, so a second run (or a run after
+    an interruption) only computes what is missing.
+    """
+    from fixres_deploy.report import write_report
+    from fixres_deploy.sweep import run_sweep
 
     t0 = time.perf_counter()
-    prep = prepare_demo_model(out, size=size)
-    recipe: DemoRecipe = prep["recipe"]
-    prior = resolution_prior(
-        recipe.train_res, scale=recipe.scale, stride=recipe.stride,
-        image_sizes=image_sizes_from_folder(prep["train"], limit=500), samples=50_000,
-    )
-    cands = resolutions or sorted(set(prior.candidates) | {recipe.train_res})
-    loaded = load_model(None, checkpoint=prep["checkpoint"])
-    cfg = resolve_preprocess(loaded.preprocess, test_input_size=recipe.train_res)
-    train_index = index_image_folder(prep["train"], classes=loaded.class_names)
-    val_index = index_image_folder(prep["val"], classes=loaded.class_names)
-    results = finetune_resolutions(
-        loaded, train_index, val_index, cfg, cands, out_dir=os.path.join(os.fspath(out), "finetuned"),
-        opts=FinetuneOptions(epochs=recipe.finetune_epochs),
-    )
-    summary = {
-        "recipe": recipe.__dict__,
-        "prior": prior.to_dict(),
-        "train_res": recipe.train_res,
-        "curve": [r.to_dict() for r in results],
-        "base_checkpoint": prep["checkpoint"],
-        "train_seconds": prep["train_seconds"],
-        "seconds": time.perf_counter() - t0,
-    }
-    write_json(os.path.join(os.fspath(out), "fixres_curve.json"), summary)
-    _write_curve_markdown(os.path.join(os.fspath(out), "fixres_curve.md"), summary)
+    sweep = run_sweep(pc.sweep, pc.out)
+    rep = write_report(sweep, pc.out, pc.select)
+    summary = {"out": pc.out, "report": os.path.join(pc.out, "report.json"),
+               "report_md": os.path.join(pc.out, "report.md"), "selected": rep["selected"],
+               "reason": rep["reason"], "iso_latency_gain": rep["iso_latency_gain"],
+               "iso_accuracy_speedup": rep["iso_accuracy_speedup"], "sweep_seconds": sweep.seconds,
+               "store": {"hits": sweep.store_hits, "misses": sweep.store_misses}}
+    if pc.bundle:
+        from fixres_deploy.bundle_select import bundle_selected
+
+        summary["bundle"] = bundle_selected(sweep, rep, os.path.join(pc.out, "bundle"), tar=pc.tar,
+                                            triton_dir=os.path.join(pc.out, "triton") if pc.triton else None)
+    summary["seconds"] = time.perf_counter() - t0
+    write_json(os.path.join(pc.out, "run.json"), summary)
     return summary
 
 
-def _write_curve_markdown(path: str, summary: dict) -> None:
-    from fixres_deploy.utils import atomic_path
+def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> PipelineConfig:
+    """The demo's pipeline: prior candidates, ORT fp32/fp16/int8, batch 1 and 8, both shape modes."""
+    from fixres_deploy.select import SelectionConfig
+    from fixres_deploy.sweep import SweepConfig
 
-    lines = [
-        "# FixRes on the built-in demo data",
-        "",
-        f"Base model `{summary['recipe']['model']}` trained at {summary['train_res']} px "
-        f"(RandomResizedCrop scale {tuple(summary['recipe']['scale'])}).",
-        "",
-        summary["prior"]["explanation"],
-        "",
-        "| test res | top-1 no fine-tune [95% CI] | top-1 FixRes fine-tuned [95% CI] |",
-        "|---:|---|---|",
-    ]
-    for r in summary["curve"]:
-        lines.append(
-            f"| {r['resolution']} | {r['top1_before']:.3f} [{r['top1_before_ci'][0]:.3f}, {r['top1_before_ci'][1]:.3f}]"
-            f" | {r['top1_after']:.3f} [{r['top1_after_ci'][0]:.3f}, {r['top1_after_ci'][1]:.3f}] |"
-        )
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+    recipe: DemoRecipe = prep["recipe"]
+    quick = size == "test"
+    sweep = SweepConfig(
+        checkpoint=prep["checkpoint"], train_data=prep["train"], eval_data=prep["val"],
+        train_res=recipe.train_res, prior_stride=recipe.stride,
+        resolutions=[64, 96] if quick else None,
+        precisions=["fp32", "int8"] if quick else ["fp32", "fp16", "int8"],
+        batch_sizes=[1, 8] if not quick else [4],
+        shape_modes=["fixed", "dynamic"] if not quick else ["fixed"],
+        finetune_epochs=recipe.finetune_epochs, calibration_size=100 if quick else 200,
+        exporter="torchscript" if quick else "dynamo",
+        latency="quick", store=os.path.join(out, "store"),
+    )
+    return PipelineConfig(sweep=sweep, select=SelectionConfig(batch_size=None), out=out, bundle=True,
+                          tar=False, triton=True)
+
+
+def run_demo(out: str | os.PathLike, *, size: str = "full") -> dict:
+    """`fixres-deploy demo`: the whole job on the built-in data.
+
+    Leaves OUT/report.json, OUT/report.md with PNG plots, OUT/bundle/ (engine, manifest,
+    labels) and OUT/triton/ (a Triton model repository).
+    """
+    t0 = time.perf_counter()
+    out = os.fspath(out)
+    prep = prepare_demo_model(out, size=size)
+    summary = run_pipeline(demo_pipeline_config(out, prep, size=size))
+    summary["train_seconds"] = prep["train_seconds"]
+    summary["seconds"] = time.perf_counter() - t0
+    write_json(os.path.join(out, "run.json"), summary)
+    return summary

@@ -34,6 +34,7 @@ class SweepPoint:
         latency_meta: harness details (threads, warm-up, iterations, load, device).
         engine_path, onnx_path, checkpoint: what produced the point.
         quant: int8 details (Q/DQ flavor, float layers, calibration) where relevant.
+        engine: the engine's ``EngineArtifact.to_dict()`` (what a bundle ships).
         key: content address in the result store.
         error: set when building or measuring failed (other figures are then None).
     """
@@ -65,6 +66,7 @@ class SweepPoint:
     onnx_path: str | None = None
     checkpoint: str | None = None
     quant: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
     key: str | None = None
     error: str | None = None
 
