@@ -1,0 +1,483 @@
+"""The latency harness, the load monitor, the machine peak and `fixres-deploy bench`.
+
+The machine is shared: assertions on timing are generous, and load assertions compare a
+measurement with a baseline taken just before (or skip when the machine has no headroom)
+instead of trusting absolute values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fixres_deploy import sysload
+from fixres_deploy.backends.base import Runner, ShapeError, ShapeSpec
+from fixres_deploy.bench import (
+    BenchReport,
+    LatencyConfig,
+    LatencyResult,
+    measure_interleaved,
+    measure_latency,
+    measure_peak_gflops,
+)
+from fixres_deploy.errors import UserInputError
+
+BATCH = np.zeros((2, 3, 8, 8), dtype=np.float32)
+
+
+class SleepRunner(Runner):
+    """A Runner whose inference takes a known time (sleeps), counting its calls."""
+
+    def __init__(self, sleep_s: float, name: str = "sleep", log: list | None = None, **kw):
+        super().__init__(**kw)
+        self.sleep_s = sleep_s
+        self.name = name
+        self.calls = 0
+        self.log = log
+        self.activations = 0
+
+    def activate_impl(self):
+        self.activations += 1
+
+    def deactivate_impl(self):
+        pass
+
+    def infer_impl(self, x):
+        self.calls += 1
+        if self.log is not None:
+            self.log.append(self.name)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return x.reshape(x.shape[0], -1)[:, :4].copy()
+
+
+def _cfg(**kw) -> LatencyConfig:
+    base = dict(warmup_iters=2, warmup_s=0.0, min_iters=3, budget_s=0.2, repeats=2, check_load=False,
+                remeasure_if_contended=0)
+    return LatencyConfig(**(base | kw))
+
+
+# --------------------------------------------------------------------------- harness statistics
+
+
+def test_known_sleep_gives_its_latency_and_ordered_percentiles():
+    r = SleepRunner(0.002)
+    t0 = time.perf_counter()
+    res = measure_latency(r, BATCH, LatencyConfig(warmup_iters=5, warmup_s=0.2, min_iters=5, budget_s=0.6,
+                                                  repeats=3, check_load=False))
+    wall = time.perf_counter() - t0
+    # sleep(2 ms) never returns early; a loaded machine wakes it late, so be generous upwards
+    assert 2.0 <= res.latency_p50_ms < 6.0
+    assert res.latency_min_ms <= res.latency_p50_ms <= res.latency_p90_ms <= res.latency_p99_ms <= res.latency_max_ms
+    assert res.latency_min_ms >= 2.0
+    assert res.repeats == 3 and len(res.latency_p50_repeats_ms) == 3
+    assert res.latency_p50_ms == pytest.approx(float(np.median(res.latency_p50_repeats_ms)))
+    assert res.batch_size == 2 and res.resolution == 8
+    assert res.throughput_ips == pytest.approx(2 / (res.latency_mean_ms / 1e3))
+    assert 0 < res.throughput_wall_ips <= res.throughput_ips * 1.01
+    # warm-up by time honoured (0.2 s > 5 calls x 2 ms), budget honoured (0.6 s timed)
+    assert res.warmup_s >= 0.2 and res.warmup_iters >= 5
+    assert res.iters * res.latency_mean_ms / 1e3 >= 0.6 - 3 * res.latency_max_ms / 1e3
+    assert 0.8 <= wall < 0.8 + 1.0
+    # every call was either warm-up or timed
+    assert r.calls == res.warmup_iters + res.iters
+    assert not r.is_active and r.activations == 1  # activated for the measurement, then released
+
+
+def test_warmup_count_and_time_both_required():
+    by_count = measure_latency(SleepRunner(0.002), BATCH, _cfg(warmup_iters=40, warmup_s=0.001))
+    assert by_count.warmup_iters == 40 and by_count.warmup_s >= 40 * 0.002
+    by_time = measure_latency(SleepRunner(0.002), BATCH, _cfg(warmup_iters=1, warmup_s=0.15))
+    assert by_time.warmup_s >= 0.15 and by_time.warmup_iters > 10
+
+
+def test_min_and_max_iters_override_the_budget():
+    slow = measure_latency(SleepRunner(0.02), BATCH, _cfg(min_iters=4, budget_s=0.01, repeats=2))
+    assert slow.iters == 8  # min_iters per repeat wins over a too-small budget
+    t0 = time.perf_counter()
+    fast = measure_latency(SleepRunner(0.0), BATCH, _cfg(min_iters=3, max_iters=50, budget_s=30.0, repeats=2))
+    assert fast.iters == 100 and time.perf_counter() - t0 < 10  # max_iters stops a 30 s budget
+
+
+def test_any_runner_shape_predict_callable_and_errors():
+    seen = []
+
+    class PredictOnly:
+        def predict(self, x):
+            seen.append(x.shape)
+            return x
+
+    assert measure_latency(PredictOnly(), BATCH, _cfg()).iters >= 6 and seen[0] == BATCH.shape
+    assert measure_latency(lambda x: x.sum(), BATCH, _cfg(), name="fn").name == "fn"
+    with pytest.raises(UserInputError, match="no infer"):
+        measure_latency(object(), BATCH, _cfg())
+    fixed = SleepRunner(0.0, shapes=ShapeSpec.fixed(1, 8))
+    with pytest.raises(ShapeError, match="outside"):
+        measure_latency(fixed, BATCH, _cfg())  # batch 2 on a batch-1 engine
+    active = SleepRunner(0.0).activate()
+    measure_latency(active, BATCH, _cfg())
+    assert active.is_active  # the caller's activation is left alone
+
+
+def test_result_round_trips_through_json():
+    res = measure_latency(SleepRunner(0.001), BATCH, _cfg(percentiles=(50, 75, 99)))
+    assert set(res.percentiles_ms) == {"p50", "p75", "p90", "p99"}
+    back = LatencyResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back == res
+    assert LatencyConfig.from_dict(res.config) == LatencyConfig.from_dict(_cfg(percentiles=(50, 75, 99)).to_dict())
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(UserInputError):
+        LatencyConfig(repeats=0)
+    with pytest.raises(UserInputError):
+        LatencyConfig(min_iters=10, max_iters=5)
+    with pytest.raises(UserInputError):
+        LatencyConfig(percentiles=(50, 101))
+    with pytest.raises(TypeError):
+        LatencyConfig(10)  # keyword-only
+    q, t = LatencyConfig.quick(), LatencyConfig.thorough(repeats=7)
+    assert q.budget_s < LatencyConfig().budget_s < t.budget_s and t.repeats == 7
+
+
+def test_interleaved_round_robin_order_and_ratios():
+    log: list[str] = []
+    a, b = SleepRunner(0.001, "A", log), SleepRunner(0.004, "B", log)
+    cfg = _cfg(warmup_iters=3, min_iters=3, max_iters=3, repeats=3, rewarm_iters=2)
+    ra, rb = measure_interleaved([(a, BATCH), (b, BATCH)], cfg)
+    runs = []
+    for name in log:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    # warm-up A, B; then per repeat A then B, each chunk after a re-warm-up of 2 calls
+    assert runs == [["A", 3], ["B", 3], ["A", 3], ["B", 5], ["A", 5], ["B", 5], ["A", 5], ["B", 5]]
+    assert ra.name == "A" and rb.name == "B" and ra.iters == rb.iters == 9
+    assert rb.latency_p50_ms / ra.latency_p50_ms > 2.0
+
+
+def test_gpu_timing_hook_protocol():
+    """The harness side of the CUDA-event hook (the TensorRT runner implements the GPU side)."""
+
+    class HookRunner(SleepRunner):
+        cuda_timing = True
+        cuda_graph = True
+
+        def last_cuda_timing_ms(self):
+            return {"h2d_ms": 0.1, "compute_ms": 1.0 + (self.calls % 2), "d2h_ms": 0.05}
+
+    res = measure_latency(HookRunner(0.0), BATCH, _cfg(min_iters=5, max_iters=5, repeats=2))
+    g = res.gpu_timing
+    assert g["calls"] == 10 and g["cuda_graph"] is True
+    assert g["h2d_ms"] == pytest.approx(0.1) and g["d2h_ms"] == pytest.approx(0.05)
+    assert g["compute_ms"] in (1.0, 1.5, 2.0)
+    assert measure_latency(SleepRunner(0.0), BATCH, _cfg()).gpu_timing is None
+
+
+@pytest.mark.gpu
+def test_cuda_event_hook_with_a_torch_cuda_runner():
+    """The hook protocol on a real GPU: CUDA events around H2D, compute and D2H."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+    class CudaRunner(Runner):
+        name = "torch-cuda-events"
+        cuda_timing = True
+        cuda_graph = False
+
+        def activate_impl(self):
+            self.model = torch.nn.Conv2d(3, 64, 3, padding=1).cuda().eval()
+            self.stream = torch.cuda.Stream()
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+
+        def infer_impl(self, x):
+            e = self.events
+            host = torch.from_numpy(x).pin_memory()
+            with torch.cuda.stream(self.stream), torch.inference_mode():
+                e[0].record(self.stream)
+                dev = host.to("cuda", non_blocking=True)
+                e[1].record(self.stream)
+                y = self.model(dev)
+                e[2].record(self.stream)
+                out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                out.copy_(y, non_blocking=True)
+                e[3].record(self.stream)
+            self.stream.synchronize()
+            return out.numpy()
+
+        def last_cuda_timing_ms(self):
+            e = self.events
+            return {"h2d_ms": e[0].elapsed_time(e[1]), "compute_ms": e[1].elapsed_time(e[2]),
+                    "d2h_ms": e[2].elapsed_time(e[3])}
+
+        def deactivate_impl(self):
+            self.model = None
+
+    res = measure_latency(CudaRunner(), np.ones((8, 3, 224, 224), np.float32),
+                          _cfg(min_iters=10, budget_s=0.5, warmup_iters=5))
+    g = res.gpu_timing
+    assert g["calls"] == res.iters
+    assert g["h2d_ms"] > 0 and g["compute_ms"] > 0 and g["d2h_ms"] > 0
+    # device time is part of what the caller waited for
+    assert g["h2d_ms"] + g["compute_ms"] + g["d2h_ms"] <= res.latency_p50_ms * 1.2
+
+
+def test_threads_recorded_from_an_onnxruntime_session(tmp_path):
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8), path, dynamo=False,
+                      input_names=["input"], output_names=["logits"])
+
+    class OrtRunner(Runner):
+        name = "ort-test"
+
+        def activate_impl(self):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+        def infer_impl(self, x):
+            return self.session.run(None, {"input": x})[0]
+
+        def deactivate_impl(self):
+            self.session = None
+
+    res = measure_latency(OrtRunner(), np.ones((1, 3, 8, 8), np.float32), _cfg())
+    assert res.threads["ort_intra_op_num_threads"] == 1
+    assert res.threads["ort_providers"] == ["CPUExecutionProvider"]
+    assert res.threads["torch_num_threads"] == torch.get_num_threads()
+    assert res.latency_p50_ms > 0
+
+
+# --------------------------------------------------------------------------- load monitor
+
+SPIN = "import time\nend = time.time() + {secs}\nwhile time.time() < end:\n    pass\n"
+
+
+def _cpu_s(pid: int) -> float:
+    return sysload._proc_times(str(pid))[0]
+
+
+def _other_load(seconds: float) -> dict:
+    with sysload.LoadMonitor(0.1) as mon:
+        time.sleep(seconds)
+    return mon.result()
+
+
+def _start_detached_spinners(n: int, secs: float = 30.0) -> list[int]:
+    """Busy loops that are not our descendants (their parent exits): other processes' load."""
+    code = (
+        "import subprocess, sys\n"
+        f"ps = [subprocess.Popen([sys.executable, '-c', {SPIN.format(secs=secs)!r}], stdin=subprocess.DEVNULL, "
+        f"stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range({n})]\n"
+        "print(' '.join(str(p.pid) for p in ps), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [int(p) for p in out.stdout.split()]
+
+
+def _kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+linux_only = pytest.mark.skipif(not sysload.supported(), reason="needs Linux /proc")
+
+
+@linux_only
+def test_our_children_count_as_ours_not_as_other():
+    child = subprocess.Popen([sys.executable, "-c", SPIN.format(secs=20)])
+    try:
+        time.sleep(0.3)
+        c0 = _cpu_s(child.pid)
+        with sysload.LoadMonitor(0.1) as inc:
+            time.sleep(1.0)
+        c1 = _cpu_s(child.pid)
+        with sysload.LoadMonitor(0.1, include_children=False) as exc:
+            time.sleep(1.0)
+    finally:
+        child.kill()
+        child.wait()
+    r_inc, r_exc = inc.result(), exc.result()
+    child_cores = (c1 - c0) / r_inc["elapsed_s"]
+    assert child_cores > 0.2  # the child did run
+    assert r_inc["our_cores_busy"] == pytest.approx(child_cores, abs=0.15)
+    assert r_exc["our_cores_busy"] < 0.15  # we only slept
+    assert r_inc["samples"] >= 5 and r_inc["total_cores"] == sysload.total_cores()
+    assert sysload.snapshot() is not None
+
+
+@linux_only
+def test_contended_flag_set_by_other_processes_load():
+    baseline = _other_load(1.0)["other_cores_busy"]
+    pids = _start_detached_spinners(2)
+    assert len(pids) == 2
+    try:
+        time.sleep(0.3)
+        s0, t0 = sum(_cpu_s(p) for p in pids), time.monotonic()
+        res = measure_latency(SleepRunner(0.002), BATCH, LatencyConfig(
+            warmup_iters=2, warmup_s=0.1, budget_s=1.0, repeats=2, contention_threshold=0.5,
+            remeasure_if_contended=1, remeasure_wait_s=0.1))
+        spin_cores = (sum(_cpu_s(p) for p in pids) - s0) / (time.monotonic() - t0)
+    finally:
+        _kill(pids)
+    assert res.contended and res.remeasured == 1
+    assert len(res.load_per_repeat) == 2 and all(x > 0.5 for x in res.load_per_repeat)
+    assert res.load["max_other_cores"] >= res.load["other_cores_busy"] - 0.2
+    assert res.load["samples"] >= 6  # 10 Hz over 2 x 0.5 s
+    # the spinners' CPU time is part of what was counted as other processes' load
+    assert res.load["other_cores_busy"] >= 0.8 * spin_cores - 0.15
+    if baseline < sysload.total_cores() - 1.0:  # the machine had headroom: the load must rise
+        assert res.load["other_cores_busy"] - baseline > 0.5
+
+
+@linux_only
+def test_not_contended_on_a_quiet_machine():
+    baseline = _other_load(1.0)["other_cores_busy"]
+    if baseline > 0.15:
+        pytest.skip(f"other users keep {baseline:.2f} cores busy: the quiet case cannot be checked now")
+    res = measure_latency(SleepRunner(0.002), BATCH, LatencyConfig(
+        warmup_iters=2, warmup_s=0.1, budget_s=0.6, repeats=2, contention_threshold=0.5,
+        remeasure_if_contended=3, remeasure_wait_s=0.5))
+    assert not res.contended
+    assert res.load["other_cores_busy"] < 0.5
+
+
+def test_load_monitor_off_linux_returns_none(monkeypatch):
+    monkeypatch.setattr(sysload, "supported", lambda: False)
+    with sysload.LoadMonitor() as mon:
+        pass
+    assert mon.result() is None and sysload.snapshot() is None
+    assert not sysload.contention(None, 0.3)
+    res = measure_latency(SleepRunner(0.0), BATCH, _cfg(check_load=True))
+    assert res.load is None and not res.contended
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def test_peak_gflops_positive_plausible_and_cached():
+    p = measure_peak_gflops(n=384, repeats=2)
+    assert 1.0 < p["peak_gflops"] < 1e5  # two CPU cores: between 1 GFLOP/s and 100 TFLOP/s
+    assert p["peak_gflops"] == max(v for v in (p["numpy_gflops"], p["torch_gflops"]) if v)
+    t0 = time.perf_counter()
+    assert measure_peak_gflops(n=384, repeats=2) == p
+    assert time.perf_counter() - t0 < 0.05
+    with pytest.raises(UserInputError):
+        measure_peak_gflops(n=8)
+
+
+# --------------------------------------------------------------------------- CLI
+
+class _Tiny:
+    @staticmethod
+    def export(path, *, dynamic: bool, res: int = 16):
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+                self.fc = torch.nn.Linear(8, 5)
+
+            def forward(self, x):
+                return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
+
+        torch.manual_seed(0)
+        torch.onnx.export(M().eval(), torch.randn(1, 3, res, res), str(path), dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}} if dynamic else None)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    d = tmp_path_factory.mktemp("bench_cli")
+    return {"dynamic": _Tiny.export(d / "dyn.onnx", dynamic=True), "fixed": _Tiny.export(d / "fixed.onnx", dynamic=False),
+            "dir": d}
+
+
+def _cli(argv, capsys):
+    from fixres_deploy.cli import main
+
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_bench_json_on_a_dynamic_onnx(onnx_files, capsys, tmp_path):
+    from fixres_deploy.flops import count_flops
+
+    out = tmp_path / "report.json"
+    rc, stdout, _ = _cli(["bench", "--onnx", onnx_files["dynamic"], "--resolutions", "16,24", "--batch-sizes", "1,2",
+                          "--preset", "quick", "--repeats", "2", "--json", "--out", str(out)], capsys)
+    assert rc == 0
+    d = json.loads(stdout)
+    assert json.loads(out.read_text()) == d
+    rows = d["rows"]
+    assert [(r["resolution"], r["batch_size"]) for r in rows] == [(16, 1), (16, 2), (24, 1), (24, 2)]
+    assert d["peak"]["peak_gflops"] > 1.0
+    for r in rows:
+        lat = r["latency"]
+        assert r["error"] is None and lat["repeats"] == 2 and lat["batch_size"] == r["batch_size"]
+        assert 0 < lat["latency_p50_ms"] <= lat["latency_p99_ms"]
+        assert r["gflops_per_image"] == pytest.approx(count_flops(onnx_files["dynamic"], r["resolution"]).total_gflops)
+        assert r["achieved_gflops"] == pytest.approx(r["gflops_per_image"] * lat["throughput_ips"])
+        assert r["pct_peak"] == pytest.approx(100 * r["achieved_gflops"] / d["peak"]["peak_gflops"])
+        assert "other_cores_busy" in lat["load"] and "ort_intra_op_num_threads" in lat["threads"]
+    table = BenchReport.from_dict(d).table()
+    assert "GFLOP/s" in table and len(table.splitlines()) == 2 + 4 + 1
+
+
+def test_cli_bench_fixed_onnx_own_shape_and_refusal(onnx_files, capsys):
+    rc, stdout, _ = _cli(["bench", "--onnx", onnx_files["fixed"], "--preset", "quick", "--no-peak",
+                          "--threads", "1"], capsys)
+    assert rc == 0
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("onnxruntime/fp32")]
+    assert len(lines) == 1 and lines[0].split()[1:3] == ["16", "1"]  # its own resolution and batch
+    rc, _, err = _cli(["bench", "--onnx", onnx_files["fixed"], "--resolutions", "24", "--preset", "quick",
+                       "--no-peak"], capsys)
+    assert rc == 2
+    assert "fixed-shape" in err and "[1, 3, 24, 24]" in err and "[1, 3, 16, 16]" in err
+    rc, _, err = _cli(["bench", "--onnx", str(onnx_files["dir"] / "missing.onnx"), "--no-peak"], capsys)
+    assert rc == 2 and "does not exist" in err
+
+
+def test_cli_bench_engine_index(onnx_files, capsys, tmp_path):
+    from fixres_deploy.backends.base import BuildOptions, build_engine
+    from fixres_deploy.utils import write_json
+
+    arts = [build_engine("onnxruntime", onnx_files["dynamic"], ShapeSpec.fixed(1, r), BuildOptions(save_optimized=False),
+                         out_dir=str(tmp_path / "engines"), precision="fp32", name=f"e{r}") for r in (16, 24)]
+    failed = dict(arts[0].to_dict(), error="simulated failed build", path=None)
+    entries = [a.to_dict() | {"unknown_future_key": 1} for a in arts] + [failed]
+    index = tmp_path / "index.json"
+    write_json(index, {"format": "whatever", "artifacts": entries})
+    rc, stdout, _ = _cli(["bench", "--engine-index", str(index), "--preset", "quick", "--no-peak", "--json"], capsys)
+    assert rc == 0
+    rows = json.loads(stdout)["rows"]
+    ok = [(r["resolution"], r["batch_size"]) for r in rows if r["error"] is None]
+    assert ok == [(16, 1), (24, 1)]
+    assert any(r["error"] == "simulated failed build" for r in rows)
+    rc, stdout, _ = _cli(["bench", "--engine-index", str(index), "--resolutions", "24", "--preset", "quick",
+                          "--no-peak", "--json"], capsys)
+    assert rc == 0
+    assert [r["resolution"] for r in json.loads(stdout)["rows"] if r["error"] is None] == [24]
+    rc, _, err = _cli(["bench", "--engine-index", str(index), "--resolutions", "40", "--no-peak"], capsys)
+    assert rc == 2 and "no engine accepts" in err

@@ -1,0 +1,413 @@
+"""The TensorRT backend against the REAL TensorRT 10.x and 11.x Python bindings, without a GPU.
+
+How: the binding wheels (``tensorrt-cu12-bindings==10.16.1.11``, ``tensorrt-cu13-bindings==11.4.0.106``)
+are pip-installed with ``--no-deps --target`` into a cache folder (once); their ``tensorrt.so``
+needs libnvinfer / libnvonnxparser / libnvinfer_plugin by soname, so stub libraries with those
+sonames (tests/trt_stub/nvinfer_stub.c, every factory returns NULL) are compiled with the
+system C compiler and loaded with RTLD_GLOBAL first. In a subprocess per version
+(tests/trt_stub/probe.py) the real module is then checked for every name the backend uses.
+
+The list of names is DERIVED from the backend's source by AST, so it cannot drift:
+* attribute chains on the module name ``trt`` (``trt.BuilderFlag.FP16``, ``trt.MemoryPoolType.WORKSPACE``);
+* attributes and methods on variables named after TensorRT types (``TRT_TYPE_OF_NAME`` in the
+  backend: builder, network, config, parser, profile, runtime, engine, context, ...), including
+  ``self._engine``-style attributes, with assignments requiring a settable property;
+* every call's positional count and keyword names, checked against the pybind11 signatures
+  in the docstrings (all overloads);
+* chains on ``cudart`` in the backend and cuda_utils, against cuda-python (installed here).
+Names in ``VERSION_GATED`` must exist exactly in the versions declared there, and must be
+reached only behind a ``hasattr`` check.
+
+Cache folder: ``$FIXRES_TRT_BINDINGS_CACHE`` or ``~/.cache/fixres-deploy/trt-bindings/``.
+Run: ``pytest -m trt_api tests/test_trt_api.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.trt_api
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND_SRC = ROOT / "fixres_deploy" / "backends" / "tensorrt_backend.py"
+CUDA_SRC = ROOT / "fixres_deploy" / "backends" / "cuda_utils.py"
+STUB_DIR = Path(__file__).resolve().parent / "trt_stub"
+STUB_SRC = STUB_DIR / "nvinfer_stub.c"
+PROBE = STUB_DIR / "probe.py"
+STUB_LIBS = ("nvinfer", "nvinfer_plugin", "nvonnxparser")
+WHEELS = {10: ("tensorrt-cu12-bindings", "10.16.1.11"), 11: ("tensorrt-cu13-bindings", "11.4.0.106")}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FIXRES_TRT_BINDINGS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fixres-deploy" / "trt-bindings"
+
+
+# --------------------------------------------------------------------------- setup: wheels and stubs
+
+
+def _installed(site: Path, version: str) -> bool:
+    init = site / "tensorrt_bindings" / "__init__.py"
+    return init.is_file() and f'__version__ = "{version}"' in init.read_text(encoding="utf-8", errors="replace")
+
+
+def install_bindings(major: int) -> Path:
+    """The bindings wheel of ``major`` in the cache (pip-installed once); pytest.skip if PyPI is unreachable."""
+    package, version = WHEELS[major]
+    site = cache_root() / version
+    if _installed(site, version):
+        return site
+    try:
+        site.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=site.parent))
+    except OSError as exc:
+        pytest.skip(f"cannot write the bindings cache {site.parent} ({exc}); set FIXRES_TRT_BINDINGS_CACHE")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
+           "--retries", "1", "--timeout", "30", "--target", str(tmp), f"{package}=={version}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"pip install {package}=={version} timed out (PyPI unreachable?)")
+    if out.returncode != 0 or not _installed(tmp, version):
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"cannot install {package}=={version} from PyPI: {last}")
+    try:
+        os.rename(tmp, site)  # atomic; a concurrent run may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _installed(site, version):
+        pytest.skip(f"bindings cache {site} is unusable (remove it and rerun)")
+    return site
+
+
+def build_stubs(major: int) -> list[str]:
+    """Compile the stub libraries with soname ``lib<name>.so.<major>`` (cached by source hash)."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc/clang) to build the TensorRT stub libraries")
+    digest = hashlib.sha256(STUB_SRC.read_bytes()).hexdigest()[:16]
+    out_dir = cache_root() / "stubs" / digest / str(major)
+    paths = [out_dir / f"lib{name}.so.{major}" for name in STUB_LIBS]
+    if all(p.is_file() for p in paths):
+        return [str(p) for p in paths]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        pytest.skip(f"cannot write the stub cache {out_dir} ({exc}); set FIXRES_TRT_BINDINGS_CACHE")
+    for name, path in zip(STUB_LIBS, paths):
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        cmd = [cc, "-shared", "-fPIC", "-O1", "-o", str(tmp), str(STUB_SRC), f"-Wl,-soname,lib{name}.so.{major}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            pytest.skip(f"{cc} could not build the stub {path.name}: {res.stderr.strip()[-300:]}")
+        os.replace(tmp, path)
+    return [str(p) for p in paths]
+
+
+# --------------------------------------------------------------------------- AST: what the backend uses
+
+
+def _chain(node: ast.AST) -> list[str] | None:
+    """['trt', 'BuilderFlag', 'FP16'] for trt.BuilderFlag.FP16; None when not rooted at a Name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id] + parts[::-1]
+    return None
+
+
+def _typed_receiver(node: ast.AST, types: dict[str, str]) -> str | None:
+    """TensorRT class of ``builder`` / ``self._engine`` style receivers, by the naming convention."""
+    if isinstance(node, ast.Name):
+        return types.get(node.id)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return types.get(node.attr.lstrip("_"))
+    return None
+
+
+def backend_requirements(types: dict[str, str]) -> dict:
+    """Everything tensorrt_backend.py uses from ``trt`` and from TensorRT objects (see module docstring)."""
+    tree = ast.parse(BACKEND_SRC.read_text(encoding="utf-8"))
+    chains, members, calls, hasattr_guards = set(), set(), [], []
+    outer: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if id(node) in outer:
+                continue
+            ch = _chain(node)
+            if ch and ch[0] == "trt":
+                # only the longest chain: mark inner Attribute nodes as seen
+                inner = node.value
+                while isinstance(inner, ast.Attribute):
+                    outer.add(id(inner))
+                    inner = inner.value
+                chains.add(".".join(ch[1:]))
+                continue
+            owner = _typed_receiver(node.value, types)
+            if owner:
+                ctx = "store" if isinstance(node.ctx, ast.Store) else "load"
+                members.add((owner, node.attr, ctx))
+        if isinstance(node, ast.Call):
+            f = node.func
+            star = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
+            if star:
+                continue
+            entry = {"npos": len(node.args), "kws": [k.arg for k in node.keywords], "line": node.lineno}
+            if isinstance(f, ast.Attribute):
+                owner = _typed_receiver(f.value, types)
+                ch = _chain(f)
+                if owner:
+                    calls.append({"owner": owner, "name": f.attr, **entry})
+                elif ch and ch[0] == "trt" and not ch[-1].startswith("__"):
+                    calls.append({"owner": None, "name": ".".join(ch[1:]), **entry})
+            elif isinstance(f, ast.Name) and f.id == "hasattr" and len(node.args) == 2:
+                ch = _chain(node.args[0])
+                if ch and ch[0] == "trt" and isinstance(node.args[1], ast.Constant):
+                    hasattr_guards.append(".".join(ch[1:] + [node.args[1].value]))
+    return {"chains": sorted(chains), "members": sorted(members), "calls": calls, "hasattr_guards": hasattr_guards}
+
+
+def cudart_requirements() -> tuple[set[str], list[dict]]:
+    chains, calls = set(), []
+    for src in (BACKEND_SRC, CUDA_SRC):
+        tree = ast.parse(src.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                ch = _chain(node) or []
+                # cudart.X... or self._cudart.X... (the same module kept on the object)
+                rest = ch[1:] if ch[:1] == ["cudart"] else ch[2:] if ch[:2] == ["self", "_cudart"] else []
+                if rest:
+                    chains.add(".".join(rest))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                v = node.func.value
+                if (isinstance(v, ast.Name) and v.id == "cudart") or (isinstance(v, ast.Attribute) and v.attr == "_cudart"):
+                    calls.append({"name": node.func.attr, "npos": len(node.args), "line": node.lineno,
+                                  "file": src.name})
+    # drop prefixes of longer chains (cudaMemcpyKind when cudaMemcpyKind.cudaMemcpyHostToDevice is there)
+    full = {c for c in chains if not any(o != c and o.startswith(c + ".") for o in chains)}
+    return full, calls
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from fixres_deploy.backends import tensorrt_backend
+
+    return tensorrt_backend
+
+
+@pytest.fixture(scope="module")
+def requirements(backend):
+    return backend_requirements(backend.TRT_TYPE_OF_NAME)
+
+
+@pytest.fixture(scope="module")
+def probe_inputs(tmp_path_factory):
+    """A real (tiny) ONNX classifier and a dummy plan file for the backend calls in the probe."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("trt_probe")
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
+    onnx_path = root / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), onnx_path)
+    plan = root / "dummy.plan"
+    plan.write_bytes(b"not a real engine")
+    return {"onnx": str(onnx_path), "onnx_res": 16, "plan": str(plan), "out_dir": str(root / "out")}
+
+
+@pytest.fixture(scope="module")
+def reports(requirements, backend, probe_inputs, tmp_path_factory):
+    """{major: probe report} from one subprocess per TensorRT version."""
+    out = {}
+    for major in sorted(WHEELS):
+        site = install_bindings(major)
+        libs = build_stubs(major)
+        request = {**requirements, **probe_inputs, "site": str(site), "stub_libs": libs,
+                   "members": [list(m) for m in requirements["members"]]}
+        req_path = tmp_path_factory.mktemp(f"trt{major}") / "request.json"
+        req_path.write_text(json.dumps(request))
+        env = {**os.environ, "FIXRES_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        res = subprocess.run([sys.executable, str(PROBE), str(req_path)], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert res.returncode == 0, f"probe for TensorRT {major} crashed (rc {res.returncode}): {res.stderr[-2000:]}"
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        assert "fatal" not in report, report.get("fatal")
+        out[major] = report
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_ast_sees_the_backend(requirements, backend):
+    """The extractor is not vacuous: names we know the backend uses are in the derived list."""
+    chains = set(requirements["chains"])
+    assert {"BuilderFlag.FP16", "MemoryPoolType.WORKSPACE", "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+            "LayerInformationFormat.JSON", "ProfilingVerbosity.DETAILED", "TensorIOMode.INPUT",
+            "HardwareCompatibilityLevel.AMPERE_PLUS", "Builder", "OnnxParser", "Runtime", "ILogger"} <= chains
+    methods = {(o, m) for o, m, _ in requirements["members"]}
+    assert {("Builder", "build_serialized_network"), ("Builder", "create_network"),
+            ("IBuilderConfig", "set_memory_pool_limit"), ("IBuilderConfig", "set_timing_cache"),
+            ("IBuilderConfig", "create_timing_cache"), ("IOptimizationProfile", "set_shape"),
+            ("OnnxParser", "parse_from_file"), ("ParserError", "node"), ("Runtime", "deserialize_cuda_engine"),
+            ("ICudaEngine", "create_execution_context"), ("ICudaEngine", "create_engine_inspector"),
+            ("EngineInspector", "get_engine_information"), ("IExecutionContext", "execute_async_v3"),
+            ("IExecutionContext", "set_optimization_profile_async"), ("IExecutionContext", "set_input_shape"),
+            ("IExecutionContext", "set_tensor_address"), ("ITimingCache", "serialize")} <= methods
+    stores = {(o, m) for o, m, ctx in requirements["members"] if ctx == "store"}
+    assert {("IBuilderConfig", "builder_optimization_level"), ("IBuilderConfig", "hardware_compatibility_level"),
+            ("IBuilderConfig", "profiling_verbosity")} <= stores
+    kw_calls = {(c["owner"], c["name"], tuple(c["kws"])) for c in requirements["calls"] if c["kws"]}
+    assert ("IOptimizationProfile", "set_shape", ("min", "opt", "max")) in kw_calls
+    assert ("IBuilderConfig", "set_timing_cache", ("ignore_mismatch",)) in kw_calls
+
+
+def test_version_gated_names_are_guarded(requirements, backend):
+    for name in backend.VERSION_GATED:
+        assert name in requirements["chains"], f"VERSION_GATED lists {name}, which the backend no longer uses"
+        assert name in requirements["hasattr_guards"], f"{name} exists only in some versions: guard it with hasattr"
+
+
+@pytest.mark.parametrize("major", sorted(WHEELS))
+def test_stub_libraries_are_what_is_loaded(reports, major):
+    b = reports[major]["behaviour"]
+    assert b["version"] == WHEELS[major][1] and b["major"] == major
+    assert str(cache_root()) in b["file"]
+    assert b["check_version"] == {"ok": True, "value": major}
+    # The real bindings call into our stubs, whose factories return NULL.
+    for key in ("builder_direct", "runtime_direct"):
+        assert b[key]["ok"] is False and b[key]["type"] == "TypeError" and "nullptr" in b[key]["message"]
+
+
+@pytest.mark.parametrize("major", sorted(WHEELS))
+def test_every_name_the_backend_uses_exists(reports, requirements, backend, major):
+    api = reports[major]["api"]
+    gated = backend.VERSION_GATED
+    missing = [c for c, ok in api["chains"].items() if not ok and c not in gated]
+    assert not missing, f"TensorRT {WHEELS[major][1]} lacks trt.{missing}"
+    for name, versions in gated.items():
+        assert api["chains"][name] is (major in versions), (
+            f"VERSION_GATED says {name} exists in {versions}; TensorRT {WHEELS[major][1]} disagrees")
+    bad = {k: v for k, v in api["members"].items() if v != "ok"}
+    assert not bad, f"TensorRT {WHEELS[major][1]}: {bad}"
+    assert len(api["chains"]) == len(requirements["chains"])
+
+
+@pytest.mark.parametrize("major", sorted(WHEELS))
+def test_call_signatures_match(reports, requirements, major):
+    api = reports[major]["api"]
+    assert not api["signature_problems"], "\n".join(api["signature_problems"])
+    assert len(api["checked_signatures"]) >= 25
+    assert "IBuilderConfig.set_timing_cache(1 positional, ignore_mismatch=)" in api["checked_signatures"]
+    assert "Builder.__init__(1 positional)" in api["checked_signatures"]
+
+
+@pytest.mark.parametrize("major", sorted(WHEELS))
+def test_precision_gates_with_the_real_module(reports, major):
+    b = reports[major]["behaviour"]
+    strongly = b["strongly_typed_bit"]  # the enum member exists in both versions
+    assert strongly > 0
+    if major == 10:
+        assert b["network_flags"] == {"carries": strongly, "fp32": 0, "legacy": 0}
+        assert b["fp16_flags_legacy"] == {"ok": True, "value": ["FP16"]}
+        assert b["validate_legacy"]["ok"] is True
+    else:
+        assert b["network_flags"] == {"carries": 0, "fp32": 0, "legacy": 0}  # always strongly typed
+        for key in ("fp16_flags_legacy", "validate_legacy"):
+            assert b[key]["ok"] is False and b[key]["type"] == "UserInputError"
+            assert "no BuilderFlag.FP16" in b[key]["message"] and "11" in b[key]["message"]
+    assert b["fp16_flags_default"] == {"ok": True, "value": []}
+    assert b["legacy_int8"]["ok"] is False and "fp16 builds only" in b["legacy_int8"]["message"]
+    assert b["hardware_levels"] == {"none": "NONE", "ampere_plus": "AMPERE_PLUS",
+                                    "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+    assert b["hardware_bad"]["type"] == "UserInputError"
+    assert b["nptype"] == {"FLOAT": "float32", "HALF": "float16"}
+    assert b["logger"] == {"is_ilogger": True, "errors": ["probe error message"]}
+
+
+@pytest.mark.parametrize("major", sorted(WHEELS))
+def test_backend_fails_cleanly_without_a_gpu(reports, major):
+    """Real bindings, stub libraries (and here no GPU): clear errors, never a crash or a nullptr TypeError."""
+    b = reports[major]["behaviour"]
+    cb = b["create_builder"]
+    assert cb["ok"] is False and cb["type"] == "EngineBuildError" and "could not create a builder" in cb["message"]
+    cr = b["create_runtime"]
+    assert cr["ok"] is False and cr["type"] == "EngineLoadError" and "could not create a runtime" in cr["message"]
+    # Without a GPU the device check fails first; with one, the stub's NULL builder/runtime does.
+    gpu = b["cuda_device"]
+    build_error, build_msg = ("EngineBuildError", "could not create a builder") if gpu else ("CudaError", "no usable CUDA device")
+    build = b["build_fp32"]
+    assert build["ok"] is True, build  # a recorded failure, not an exception
+    art = build["value"]
+    assert art["path"] is None and art["meta"]["error_type"] == build_error and build_msg in art["error"]
+    assert art["meta"]["tensorrt_version"] == WHEELS[major][1]
+    assert art["meta"]["strongly_typed"] is (major >= 11)
+    legacy = b["build_legacy_fp16"]
+    if major == 10:
+        assert legacy["ok"] is True and legacy["value"]["meta"]["error_type"] == build_error
+    else:  # refused before any device work
+        assert legacy["ok"] is False and legacy["type"] == "UserInputError"
+    act = b["runner_activate"]
+    run_error, run_msg = ("EngineLoadError", "could not create a runtime") if gpu else ("CudaError", "no usable CUDA device")
+    assert act["ok"] is False and act["type"] == run_error and run_msg in act["message"]
+    assert b["runner_active_after_failure"] is False
+
+
+def test_cuda_python_names_exist():
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda.bindings) not installed")
+    chains, calls = cudart_requirements()
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamBeginCapture", "cudaGraphInstantiate",
+            "cudaGetDeviceProperties", "cudaMemcpyKind.cudaMemcpyHostToDevice"} <= chains
+    missing = []
+    for chain in sorted(chains):
+        obj = cudart
+        for part in chain.split("."):
+            if not hasattr(obj, part):
+                missing.append(chain)
+                break
+            obj = getattr(obj, part)
+    assert not missing, f"cuda-python {getattr(cudart, '__file__', '')} lacks {missing}"
+    # Arity against the Cython signature line "name(a, b, size_t count, ...)".
+    problems = []
+    for call in calls:
+        doc = (getattr(cudart, call["name"]).__doc__ or "").strip().splitlines()[0]
+        inside = doc[doc.index("(") + 1 : doc.rindex(")")]
+        n = len([p for p in inside.split(",") if p.strip()])
+        if n != call["npos"]:
+            problems.append(f"{call['file']}:{call['line']} {call['name']} takes {n}, called with {call['npos']}: {doc}")
+    assert not problems, "\n".join(problems)
+
+
+def test_cuda_utils_without_a_gpu():
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda.bindings) not installed")
+    from fixres_deploy.backends.cuda_utils import CudaError, check, ensure_device
+
+    assert check(cudart, (cudart.cudaError_t.cudaSuccess, 7), "x") == 7
+    assert check(cudart, (cudart.cudaError_t.cudaSuccess,), "x") is None
+    with pytest.raises(CudaError, match=r"cudaMalloc\(8\) failed: cudaErrorMemoryAllocation"):
+        check(cudart, (cudart.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc(8)")
+    err, count = cudart.cudaGetDeviceCount()
+    if err == cudart.cudaError_t.cudaSuccess and count > 0:
+        pytest.skip("a CUDA device is present: the no-GPU message cannot be checked here")
+    with pytest.raises(CudaError, match="no usable CUDA device"):
+        ensure_device(cudart)
