@@ -1,0 +1,153 @@
+"""The sweep, its result store, the report and the pipeline on a small grid (real engines)."""
+
+import json
+import os
+
+import pytest
+
+from fixres_deploy.models import build_model, save_checkpoint
+from fixres_deploy.points import SweepPoint
+from fixres_deploy.store import ResultStore
+from fixres_deploy.sweep import SweepConfig, SweepResult, run_sweep
+
+FAST_LATENCY = {"warmup_iters": 1, "warmup_s": 0.0, "min_iters": 3, "max_iters": 20, "budget_s": 0.05,
+                "repeats": 1, "remeasure_if_contended": 0, "check_load": False}
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, demo_small):
+    import torch
+
+    torch.manual_seed(0)
+    model, _, _ = build_model("fixres:tiny_resnet", 10)
+    path = tmp_path_factory.mktemp("ck") / "base.pt"
+    save_checkpoint(path, model, spec="fixres:tiny_resnet", num_classes=10,
+                    class_names=sorted(os.listdir(f"{demo_small}/train")),
+                    preprocess={"test_input_size": 64, "train_input_size": 64})
+    return str(path)
+
+
+def _cfg(ckpt, demo, out, **kw):
+    base = dict(checkpoint=ckpt, train_data=f"{demo}/train", eval_data=f"{demo}/val", resolutions=[64, 96],
+                precisions=["fp32", "int8"], batch_sizes=[2], shape_modes=["fixed"], finetune=[False, True],
+                finetune_epochs=1, calibration_size=20, exporter="torchscript", latency=FAST_LATENCY,
+                store=str(out / "store"))
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def test_store_records_and_failures(tmp_path):
+    store = ResultStore(tmp_path)
+    calls = []
+
+    def make(d):
+        calls.append(1)
+        (d / "f.txt").write_text("x")
+        return {"value": 3, "path": str(d / "f.txt"), "files": [str(d / "f.txt")]}
+
+    rec, cached = store.run("s", {"a": 1}, make)
+    assert not cached and rec["result"]["value"] == 3 and open(rec["result"]["path"]).read() == "x"
+    rec2, cached2 = store.run("s", {"a": 1}, make)
+    assert cached2 and rec2["key"] == rec["key"] and len(calls) == 1
+    # a changed input is a new record; a vanished file triggers recomputation
+    store.run("s", {"a": 2}, make)
+    os.unlink(rec["result"]["path"])
+    store.run("s", {"a": 1}, make)
+    assert len(calls) == 3
+
+    def boom(d):
+        raise RuntimeError("no luck")
+
+    frec, _ = store.run("s", {"b": 1}, boom)
+    assert frec["error"] == "RuntimeError: no luck"
+    again, cached3 = store.run("s", {"b": 1}, boom)
+    assert cached3 and again["error"]  # failures are results too, not retried by default
+    retried, cached4 = store.run("s", {"b": 1}, boom, retry_failed=True)
+    assert not cached4
+
+
+def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, monkeypatch):
+
+    out = tmp_path / "sw"
+    cfg = _cfg(small_ckpt, demo_small, out)
+    # 1. interrupted run: the 3rd latency measurement raises KeyboardInterrupt
+    import fixres_deploy.bench as bench
+
+    calls = {"n": 0}
+    orig = bench.measure_latency
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(bench, "measure_latency", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, out)
+    assert not (out / "sweep.json").exists()
+    monkeypatch.setattr(bench, "measure_latency", orig)
+    # 2. resume: the two latency results measured before the interruption are reused
+    first = run_sweep(cfg, out)
+    assert len(first.points) == 2 * 2 * 2  # res x finetune x precision (x 1 batch x 1 mode)
+    assert all(p.ok for p in first.points), [p.error for p in first.points]
+    assert first.store_hits >= 2 + 2  # fine-tunes/exports/variants + latencies from the first try
+    # 3. repeat: nothing is measured twice
+    second = run_sweep(cfg, out)
+    assert second.store_misses == 0
+    assert [p.latency_p50_ms for p in second.points] == [p.latency_p50_ms for p in first.points]
+    # 4. a changed input re-measures only what it affects: a new batch size means new
+    #    engines and latencies, but no new fine-tune, export, variant or accuracy
+    store = ResultStore(out / "store")
+    before = {s: sum(1 for _ in store.records(s)) for s in ("finetune", "export", "variant", "accuracy", "latency")}
+    third = run_sweep(_cfg(small_ckpt, demo_small, out, batch_sizes=[2, 3]), out)
+    after = {s: sum(1 for _ in store.records(s)) for s in before}
+    assert after["finetune"] == before["finetune"] and after["export"] == before["export"]
+    assert after["variant"] == before["variant"]
+    assert after["latency"] == before["latency"] + 8
+    assert len(third.points) == 16
+    # sweep.json round-trips
+    again = SweepResult.load(out / "sweep.json")
+    assert len(again.points) == 16 and isinstance(again.points[0], SweepPoint)
+
+
+def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
+    out = tmp_path / "sw"
+    res = run_sweep(_cfg(small_ckpt, demo_small, out, backends=["onnxruntime", "tensorrt"], finetune=[False],
+                         resolutions=[64], precisions=["fp32"]), out)
+    by_backend = {p.backend: p for p in res.points}
+    assert by_backend["onnxruntime"].ok
+    assert by_backend["tensorrt"].error and "tensorrt" in by_backend["tensorrt"].error.lower()
+    assert any(f["stage"] == "engine" for f in res.failures)
+
+
+def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
+    from fixres_deploy.bundle import verify_bundle
+    from fixres_deploy.bundle_select import bundle_selected
+    from fixres_deploy.cli import main
+    from fixres_deploy.report import write_report
+
+    out = tmp_path / "sw"
+    sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)
+    rep = write_report(sweep, out)
+    data = json.loads((out / "report.json").read_text())
+    for key in ("points", "pareto", "selected", "reason", "iso_latency_gain", "iso_accuracy_speedup"):
+        assert key in data
+    p = data["points"][data["selected"]]
+    for key in ("resolution", "precision", "backend", "batch_size", "shape_mode", "finetuned", "top1", "top1_ci",
+                "latency_p50_ms", "latency_p99_ms", "throughput_ips"):
+        assert key in p
+    assert all(0 <= i < len(data["points"]) for i in data["pareto"])
+    assert (out / "report.md").exists() and all(os.path.exists(v) for v in rep["plots"].values())
+    assert len(rep["plots"]) == 3
+    # regenerable from sweep.json without measuring
+    assert main(["report", "--sweep", str(out / "sweep.json"), "--out", str(tmp_path / "r2"), "--json"]) == 0
+    again = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert again["selected"] == data["selected"] and again["points"] == data["points"]
+    # ship the selected point
+    b = bundle_selected(sweep, rep, str(tmp_path / "bundle"), triton_dir=str(tmp_path / "triton"))
+    assert verify_bundle(b["dir"]).ok
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["preprocess"]["test_input_size"] == p["resolution"]
+    # select with a constraint nothing meets: a clear message, exit code 2
+    assert main(["select", "--sweep", str(out / "sweep.json"), "--latency-budget-ms", "0.000001"]) == 2
