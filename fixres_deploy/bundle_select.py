@@ -9,7 +9,7 @@ from fixres_deploy.errors import UserInputError
 
 
 def bundle_selected(sweep, report: dict, out_dir: str, *, index: int | None = None, tar: bool = False,
-                    triton_dir: str | None = None) -> dict:
+                    triton_dir: str | None = None, overwrite: bool = False) -> dict:
     """Bundle point ``index`` (default: the report's selection) of a sweep.
 
     Returns a dict with the bundle folder, its manifest path and, when asked, the tarball
@@ -37,13 +37,14 @@ def bundle_selected(sweep, report: dict, out_dir: str, *, index: int | None = No
     metrics = {k: v for k, v in p.to_dict().items() if k not in ("correct1_bits", "engine")}
     manifest = make_bundle(out_dir, engines=[art], onnx_sources=sources, preprocess=cfg,
                            class_names=sweep.class_names, model=model, metrics=metrics,
-                           selection={"index": i, "reason": report.get("reason"), "label": p.label}, tar=tar)
+                           selection={"index": i, "reason": report.get("reason"), "label": p.label}, tar=tar,
+                           overwrite=overwrite)
     out = {"dir": out_dir, "manifest": os.path.join(out_dir, "manifest.json"), "label": p.label}
     if tar:
         out["tar"] = out_dir.rstrip("/") + ".tar.gz"
     if triton_dir:
         from fixres_deploy.triton import export_triton_repository
 
-        out["triton"] = export_triton_repository(out_dir, triton_dir)
+        out["triton"] = export_triton_repository(out_dir, triton_dir, overwrite=overwrite)
     out["manifest_format"] = getattr(manifest, "format", None)
     return out

@@ -77,7 +77,7 @@ def _sweep_config(args):
         ft = [True]
     return SweepConfig(
         checkpoint=args.checkpoint, model=args.model, num_classes=args.num_classes, train_data=args.data,
-        eval_data=args.eval_data, train_res=args.train_res, resolutions=args.resolutions,
+        eval_data=args.eval_data, val_fraction=args.val_fraction, train_res=args.train_res, resolutions=args.resolutions,
         prior_stride=args.prior_stride, precisions=args.precisions,
         backends=args.backends or available_backends(), shape_modes=args.shape_modes, batch_sizes=args.batch_sizes,
         finetune=ft, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
@@ -94,7 +94,9 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=int)
     g.add_argument("--train-res", type=int, help="K_train (default: what the checkpoint records)")
     g.add_argument("--data", required=True, help="fine-tune/calibration images (ImageFolder, a training split)")
-    g.add_argument("--eval-data", required=True, help="held-out evaluation images (ImageFolder)")
+    g.add_argument("--eval-data", help="held-out evaluation images (ImageFolder); default: a file-name hash "
+                   "split of --data (see --val-fraction)")
+    g.add_argument("--val-fraction", type=float, default=0.3, help="held-out share when --eval-data is omitted")
 
 
 def _human_selection(rep: dict) -> str:
@@ -178,10 +180,10 @@ def cmd_run(args) -> int:
         if args.out:
             pc.out = args.out
     else:
-        if not (args.checkpoint and args.data and args.eval_data and args.out):
+        if not (args.checkpoint and args.data and args.out):
             from fixres_deploy.errors import UserInputError
 
-            raise UserInputError("give --config FILE, or --checkpoint, --data, --eval-data and --out")
+            raise UserInputError("give --config FILE, or --checkpoint, --data and --out (and --eval-data)")
         from fixres_deploy.pipeline import PipelineConfig as PC
 
         pc = PC(sweep=_sweep_config(args), select=_selection_config(args), out=args.out,
@@ -200,6 +202,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--train-res", type=int)
     p.add_argument("--data")
     p.add_argument("--eval-data")
+    p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--out")
     p.add_argument("--no-bundle", action="store_true")
     p.add_argument("--no-triton", action="store_true")

@@ -78,7 +78,7 @@ def prepare_demo_model(out: str | os.PathLike, *, size: str = "full") -> dict:
 
 PIPELINE_SECTIONS = {
     "model": {"spec", "checkpoint", "num_classes", "train_res"},
-    "data": {"train", "eval"},
+    "data": {"train", "eval", "val_fraction"},
     "sweep": {"resolutions", "prior_stride", "precisions", "backends", "shape_modes", "batch_sizes", "finetune",
               "finetune_epochs", "finetune_lr", "calibration_size", "calibration_method", "int8_float_layers",
               "exporter", "eval_limit", "eval_batch", "latency", "threads", "store", "retry_failed"},
@@ -119,15 +119,16 @@ class PipelineConfig:
         for key in ("checkpoint",):
             if key not in m:
                 raise UserInputError(f"[model] needs '{key}'")
-        for key in ("train", "eval"):
-            if key not in data:
-                raise UserInputError(f"[data] needs '{key}' (an ImageFolder root)")
+        if "train" not in data:
+            raise UserInputError("[data] needs 'train' (an ImageFolder root; 'eval' too, or a hash split "
+                                 "of 'train' with val_fraction)")
         if "finetune" in sw:
             sw["finetune"] = [bool(v) for v in sw["finetune"]]
         if "store" in sw:
             sw["store"] = path(sw["store"])
         sweep = SweepConfig(checkpoint=path(m["checkpoint"]), model=m.get("spec"), num_classes=m.get("num_classes"),
-                            train_res=m.get("train_res"), train_data=path(data["train"]), eval_data=path(data["eval"]),
+                            train_res=m.get("train_res"), train_data=path(data["train"]),
+                            eval_data=path(data.get("eval")), val_fraction=data.get("val_fraction", 0.3),
                             **sw)
         select = SelectionConfig(**d.get("select", {}))
         o = d.get("output", {})
@@ -171,7 +172,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         from fixres_deploy.bundle_select import bundle_selected
 
         summary["bundle"] = bundle_selected(sweep, rep, os.path.join(pc.out, "bundle"), tar=pc.tar,
-                                            triton_dir=os.path.join(pc.out, "triton") if pc.triton else None)
+                                            triton_dir=os.path.join(pc.out, "triton") if pc.triton else None,
+                                            overwrite=True)  # the pipeline's own output: replaced on re-runs
     summary["seconds"] = time.perf_counter() - t0
     write_json(os.path.join(pc.out, "run.json"), summary)
     return summary

@@ -45,7 +45,9 @@ class SweepConfig:
         model: model spec (optional for fixres-deploy checkpoints).
         num_classes: classifier size (optional: inferred).
         train_data: fine-tune and calibration images (a training split).
-        eval_data: held-out evaluation images.
+        eval_data: held-out evaluation images; when None, ``train_data`` is split by a hash
+            of each file name and ``val_fraction`` of it is held out (never fine-tuned on).
+        val_fraction: held-out share for that split.
         train_res: K_train (default: what the checkpoint records).
         resolutions: candidate test resolutions (default: the prior's candidates).
         prior_stride: stride of the prior's candidate grid (the network's total stride).
@@ -66,7 +68,8 @@ class SweepConfig:
 
     checkpoint: str
     train_data: str
-    eval_data: str
+    eval_data: str | None = None
+    val_fraction: float = 0.3
     model: str | None = None
     num_classes: int | None = None
     train_res: int | None = None
@@ -95,6 +98,8 @@ class SweepConfig:
             if not os.path.isfile(getattr(self, name)):
                 raise UserInputError(f"{name} '{getattr(self, name)}' does not exist")
         for name in ("train_data", "eval_data"):
+            if getattr(self, name) is None and name == "eval_data":
+                continue
             if not os.path.isdir(getattr(self, name)):
                 raise UserInputError(f"{name} '{getattr(self, name)}' is not a folder (ImageFolder root)")
         bad = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
@@ -255,7 +260,12 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> SweepResult:
         raise UserInputError("the train resolution is unknown: pass --train-res")
     base_cfg = base_cfg.at_resolution(train_res)
     train_index = index_for_model(cfg.train_data, loaded)
-    eval_index = index_for_model(cfg.eval_data, loaded)
+    if cfg.eval_data:
+        eval_index = index_for_model(cfg.eval_data, loaded)
+    else:
+        from fixres_deploy.data import split_by_hash
+
+        train_index, eval_index = split_by_hash(train_index, cfg.val_fraction)
     if cfg.eval_limit:
         eval_index = class_balanced_subset(eval_index, max(1, cfg.eval_limit // len(eval_index.classes)))
     class_names = loaded.class_names or train_index.classes

@@ -27,7 +27,9 @@ class TrainOptions:
 
     Attributes:
         train_res: K_train, the RandomResizedCrop output size.
-        epochs, batch_size, lr, momentum, weight_decay: SGD with a linear warm-up then cosine.
+        epochs, batch_size, lr, momentum, weight_decay: SGD (or AdamW) with a linear warm-up
+            then cosine decay.
+        optimizer: "sgd" (Nesterov momentum) or "adamw".
         label_smoothing: cross-entropy label smoothing.
         scale, ratio: RandomResizedCrop ranges (record them: the resolution prior needs them).
         warmup_epochs: linear warm-up length.
@@ -50,6 +52,7 @@ class TrainOptions:
     seed: int = 0
     channels_last: bool = True
     preload: bool = True
+    optimizer: str = "sgd"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,10 +104,13 @@ def train_base_model(model, train_index: ImageFolderIndex, opts: TrainOptions, *
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opts.lr, momentum=opts.momentum, nesterov=True,
-    )
+    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True)
+    elif opts.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=opts.lr)
+    else:
+        raise UserInputError(f"optimizer must be 'sgd' or 'adamw', got {opts.optimizer!r}")
     steps_per_epoch = math.ceil(len(train_index) / opts.batch_size)
     total = opts.epochs * steps_per_epoch
     warm = max(1, int(opts.warmup_epochs * steps_per_epoch))
