@@ -410,6 +410,13 @@ def _make_optimizer(params, opts: FinetuneOptions, steps_total: int):
     return opt, sched
 
 
+def _end_epoch(opt, epoch: int, opts: FinetuneOptions) -> None:
+    """The reference's StepLR(step_size=30, gamma=0.1), stepped per epoch."""
+    if opts.schedule == "step" and (epoch + 1) % 30 == 0:
+        for g in opt.param_groups:
+            g["lr"] *= 0.1
+
+
 class _ExactBNStats:
     """Exact per-channel mean/variance of the selected BNs' inputs over one pass.
 
@@ -559,9 +566,7 @@ def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
                 if sched is not None:
                     sched.step()
                 bar.update(1)
-            if opts.schedule == "step" and (epoch + 1) % 30 == 0:
-                for g in opt.param_groups:
-                    g["lr"] *= 0.1
+            _end_epoch(opt, epoch, opts)
         bar.close()
         if opts.final_bn_pass and mods.bn_names:
             loader = _naive_loader(index, finetune_transform(cfg, "test"), _batches(n, 0, opts), opts)
@@ -651,9 +656,7 @@ def _finetune_cached(model, split: TailSplit, index, cfg, opts, mods, trainable)
                 stats.steps += 1
                 if sched is not None:
                     sched.step()
-            if opts.schedule == "step" and (epoch + 1) % 30 == 0:
-                for g in opt.param_groups:
-                    g["lr"] *= 0.1
+            _end_epoch(opt, epoch, opts)
         if opts.final_bn_pass:
             with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for batch in _batches(m, 0, opts):
