@@ -175,7 +175,7 @@ def write_plots(points: Sequence[SweepPoint], rep: dict, out_dir: Path) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: no plots (pip install 'fixres-deploy[report]')")
+        log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
         return {}
     cfg = SelectionConfig(**rep["selection_config"])
     chosen = points[rep["selected"]]
