@@ -8,8 +8,8 @@ For each precision the ONNX precision variant (fp16 graph, int8 Q/DQ graph) is m
   TensorRT 10 weak-typing route on the fp32 graph instead).
 * int8: explicit Q/DQ from calibration images preprocessed exactly as in deployment, at the
   engine's resolution (retinanet-examples #255). The Q/DQ flavor follows the backend:
-  TensorRT needs symmetric s8 with zero-point 0; ONNX Runtime on a CPU without VNNI is fast
-  only with u8 activations (NOTES.md), so it gets ``default_int8_flavor("onnxruntime")``.
+  TensorRT needs symmetric s8 with zero-point 0; ONNX Runtime on a CPU is fast only with u8
+  activations (measured with and without VNNI), so it gets ``default_int8_flavor("onnxruntime")``.
   A dynamic engine has one Q/DQ graph for all its shapes: it is calibrated at a profile's
   opt resolution, and the index says which.
 

@@ -257,5 +257,6 @@ def test_vnni_detection_and_default_flavor(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "cpu_has_vnni", lambda *a: False)
     assert P.default_int8_flavor("onnxruntime") == "ort_cpu"
     monkeypatch.setattr(P, "cpu_has_vnni", lambda *a: True)
-    assert P.default_int8_flavor("onnxruntime") == "tensorrt"
+    # u8 activations on CPU even with VNNI: measured faster than symmetric s8 (see docstring)
+    assert P.default_int8_flavor("onnxruntime") == "ort_cpu"
     assert P.default_int8_flavor("onnxruntime", device="cuda") == "tensorrt"
