@@ -212,7 +212,7 @@ def write_plots(points: Sequence[SweepPoint], rep: dict, out_dir: Path) -> dict:
                 ax.plot([p.resolution for p in pts], [p.latency(cfg.percentile) for p in pts], "o-", label=prec)
         ax.set_xlabel("test resolution (px)")
         ax.set_ylabel(f"latency {cfg.percentile} (ms)")
-        ax.set_title(f"{chosen.backend}, batch {chosen.batch_size}, {chosen.shape_mode} shapes")
+        ax.set_title(f"FixRes fine-tuned, {chosen.backend}, batch {chosen.batch_size}, {chosen.shape_mode} shapes")
         ax.grid(alpha=0.3)
         ax.legend()
         out["latency_vs_resolution"] = _save(fig, out_dir / "latency_vs_resolution.png")

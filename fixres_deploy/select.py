@@ -260,7 +260,8 @@ def select_point(points: Sequence[SweepPoint], cfg: SelectionConfig | None = Non
             t = tests[chosen]
             why = (f"{p.label} is the fastest point{constraint} whose top-1 is not significantly below the "
                    f"most accurate one ({b.label}: {b.top1:.3f} vs {p.top1:.3f}, "
-                   f"{_test_text(t)}); it takes {speed_text(p, cfg)} instead of {speed_text(b, cfg)}.")
+                   f"{_test_text(t)}); it {'runs at' if cfg.metric == 'throughput' else 'takes'} "
+                   f"{speed_text(p, cfg)} instead of {speed_text(b, cfg)}.")
     else:  # min_latency
         floor = cfg.min_top1
         if cfg.max_drop is not None:
