@@ -21,34 +21,9 @@ from fixres_deploy.backends import BuildOptions, ShapeSpec, build_engine, load_r
 from fixres_deploy.backends.base import EngineArtifact, ShapeError, onnx_io
 from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError
 
+from helpers import spread_model, torch_logits
+
 RES = 64
-
-
-def _spread_model(images: np.ndarray, num_classes: int = 10, seed: int = 0):
-    """tiny_resnet with BN statistics from ``images`` and a wide classifier: input-dependent logits."""
-    import torch
-
-    from fixres_deploy.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model("fixres:tiny_resnet", num_classes)[0]
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the one pass
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    model.eval()
-    torch.nn.init.normal_(model.fc.weight, std=0.5)
-    return model
-
-
-def _torch_logits(model, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return model(torch.from_numpy(x)).numpy()
 
 
 def _resize(x: np.ndarray, res: int) -> np.ndarray:
@@ -78,14 +53,14 @@ def exported(demo_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("backends")
     cfg = PreprocessConfig(RES)
     images = calibration_batches(os.path.join(demo_small, "train"), cfg, limit=40)
-    model = _spread_model(images[:32])
+    model = spread_model(images[:32])
     result = export_onnx(model, root / "model.onnx", cfg, dynamic=True, exporter="torchscript", tolerance=None)
     return SimpleNamespace(model=model, onnx=result.path, images=_diverse(model, images), root=root, cfg=cfg)
 
 
 def _diverse(model, images: np.ndarray, n: int = 8) -> np.ndarray:
     """n images, those with distinct predicted classes first (so small subsets vary too)."""
-    pred = _torch_logits(model, images).argmax(1)
+    pred = torch_logits(model, images).argmax(1)
     first = [int(np.flatnonzero(pred == c)[0]) for c in np.unique(pred)]
     order = first + [i for i in range(len(images)) if i not in first]
     assert len(first) >= 3, f"the test model predicts only {len(first)} classes on real images"
@@ -111,7 +86,7 @@ def test_ort_fixed_engine_matches_torch_and_records_build(exported, tmp_path):
     with load_runner(art2) as runner:
         assert runner.session.get_session_options().intra_op_num_threads == 1
         y = runner.predict(exported.images)
-    _assert_close(y, _torch_logits(exported.model, exported.images))
+    _assert_close(y, torch_logits(exported.model, exported.images))
 
 
 def test_ort_dynamic_engine_runs_five_resolutions(exported, tmp_path):
@@ -124,7 +99,7 @@ def test_ort_dynamic_engine_runs_five_resolutions(exported, tmp_path):
     with load_runner(art) as runner:
         for r in resolutions:
             x = _resize(exported.images[:3], r)
-            _assert_close(runner.predict(x), _torch_logits(exported.model, x))
+            _assert_close(runner.predict(x), torch_logits(exported.model, x))
         with pytest.raises(ShapeError, match="profile 1"):
             runner.predict(_resize(exported.images[:1], 160))
         with pytest.raises(ShapeError, match="dynamic-shape"):
@@ -248,7 +223,7 @@ def test_torch_free_import_and_run(exported, tmp_path):
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["torch"] is False
-    _assert_close(np.asarray(doc["y"], dtype=np.float32), _torch_logits(exported.model, exported.images[:2]))
+    _assert_close(np.asarray(doc["y"], dtype=np.float32), torch_logits(exported.model, exported.images[:2]))
 
 
 def test_torch_backend_reference(exported, tmp_path):
@@ -264,7 +239,7 @@ def test_torch_backend_reference(exported, tmp_path):
     art = build_engine("torch", exported.onnx, ShapeSpec.resolution_bands([64, 96], max_batch=8),
                        BuildOptions(extra={"checkpoint": ckpt}), out_dir=str(tmp_path))
     assert art.path == ckpt and art.meta["model"] == "fixres:tiny_resnet"
-    ref = _torch_logits(exported.model, exported.images)
+    ref = torch_logits(exported.model, exported.images)
     with load_runner(art) as runner:
         _assert_close(runner.predict(exported.images), ref)
         with pytest.raises(ShapeError):
@@ -329,7 +304,7 @@ def test_ort_cuda_io_binding_matches_torch(exported, tmp_path):
     with load_runner(art) as runner:
         assert runner.io_binding
         y = runner.predict(exported.images)
-    ref = _torch_logits(exported.model, exported.images)
+    ref = torch_logits(exported.model, exported.images)
     assert (y.argmax(1) == ref.argmax(1)).all() and np.abs(y - ref).max() / np.abs(ref).max() < 1e-3
 
 
@@ -342,13 +317,13 @@ def test_tensorrt_engine_matches_torch(exported, tmp_path):
                        out_dir=str(tmp_path), name="trt")
     assert art.error is None, art.error
     assert os.path.getsize(art.meta["layers_json"]) > 0 and os.path.getsize(tmp_path / "t.cache") > 0
-    ref = _torch_logits(exported.model, exported.images)
+    ref = torch_logits(exported.model, exported.images)
     for graph in (False, True):
         with load_runner(art, cuda_graph=graph) as runner:
             for r in (48, 64, 96):
                 x = _resize(exported.images, r)
                 y = runner.predict(x)
-                yr = _torch_logits(exported.model, x)
+                yr = torch_logits(exported.model, x)
                 assert (y.argmax(1) == yr.argmax(1)).mean() >= 0.875
             with pytest.raises(ShapeError, match="profile"):
                 runner.predict(_resize(exported.images[:1], 128))

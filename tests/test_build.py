@@ -20,34 +20,9 @@ from fixres_deploy.build import BuildIndex, build_engines
 from fixres_deploy.errors import UserInputError
 from fixres_deploy.utils import sha256_file
 
+from helpers import spread_model, torch_logits
+
 RES = 64
-
-
-def _spread_model(images: np.ndarray, num_classes: int = 10, seed: int = 0):
-    """tiny_resnet with BN statistics from real images and a wide classifier: input-dependent logits."""
-    import torch
-
-    from fixres_deploy.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model("fixres:tiny_resnet", num_classes)[0]
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    model.eval()
-    torch.nn.init.normal_(model.fc.weight, std=0.5)
-    return model
-
-
-def _torch_logits(model, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return model(torch.from_numpy(x)).numpy()
 
 
 def _tensorrt_installed() -> bool:
@@ -65,7 +40,7 @@ def model_onnx(demo_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
     cfg = PreprocessConfig(RES)
     images = calibration_batches(os.path.join(demo_small, "val"), cfg, limit=40)
-    model = _spread_model(images[:32])
+    model = spread_model(images[:32])
     res = export_onnx(model, root / "model.onnx", cfg, dynamic=True, exporter="torchscript", tolerance=None)
     return SimpleNamespace(model=model, onnx=res.path, images=np.ascontiguousarray(images[32:40]),
                            calib=os.path.join(demo_small, "train"), root=root)
@@ -100,7 +75,7 @@ def test_fp32_fixed_and_dynamic_index(model_onnx, tmp_path):
     art = next(a for a in loaded.engine_artifacts() if a.shapes.profiles[0].opt == (4, 3, 64, 64))
     with load_runner(art) as runner:
         y = runner.predict(model_onnx.images[:4])
-    ref = _torch_logits(model_onnx.model, model_onnx.images[:4])
+    ref = torch_logits(model_onnx.model, model_onnx.images[:4])
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
 
     dyn = build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["fp32"], resolutions=[48, 64, 96, 128],
@@ -121,7 +96,7 @@ def test_fp32_fixed_and_dynamic_index(model_onnx, tmp_path):
     with load_runner(fields) as runner:
         for r in (48, 128):
             x = np.ascontiguousarray(np.resize(model_onnx.images[:2], (2, 3, r, r)))
-            ref = _torch_logits(model_onnx.model, x)
+            ref = torch_logits(model_onnx.model, x)
             assert np.abs(runner.predict(x) - ref).max() / np.abs(ref).max() < 1e-4
 
 
@@ -161,7 +136,7 @@ def test_fp16_int8_variants_and_failing_backend(model_onnx, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
     # The engines compute: fp16 close to torch, int8 still the same function.
-    ref = _torch_logits(model_onnx.model, model_onnx.images)
+    ref = torch_logits(model_onnx.model, model_onnx.images)
     arts = {a.precision: a for a in index.engine_artifacts() if a.backend == "onnxruntime"}
     with load_runner(arts["fp16"]) as runner:
         y16 = runner.predict(model_onnx.images)
