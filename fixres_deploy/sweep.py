@@ -224,269 +224,303 @@ def _evaluate_runner(runner, x: np.ndarray, y: np.ndarray, idx: np.ndarray, skip
 
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> SweepResult:
     """`fixres-deploy sweep`: measure the grid, write OUT/sweep.json, return the result."""
-    import torch
+    return _Sweep(cfg, out_dir).run()
 
-    from fixres_deploy.backends.base import BuildOptions, ShapeSpec, build_engine, load_runner
-    from fixres_deploy.bench import measure_latency, measure_peak_gflops
-    from fixres_deploy.calibration import calibration_batches
-    from fixres_deploy.data import class_balanced_subset, index_image_folder
-    from fixres_deploy.evaluate import index_for_model, pack_bits
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.finetune import FinetuneOptions, fixres_finetune, resolve_fixres_modules
-    from fixres_deploy.flops import count_flops
-    from fixres_deploy.models import load_model, save_checkpoint
-    from fixres_deploy.precision import default_int8_flavor, make_precision_variant
-    from fixres_deploy.preprocess import resolve_preprocess
-    from fixres_deploy.prior import image_sizes_from_folder, resolution_prior
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(cfg.store or out_dir / "store")
-    lat_cfg = _latency_config(cfg.latency)
-    versions = library_versions("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "numpy", "fixres-deploy")
-    machine = machine_id()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+class _Stage(Exception):
+    """A stage failed (already recorded): skip what depends on it."""
 
-    loaded = load_model(cfg.model, cfg.num_classes, cfg.checkpoint)
-    base_cfg = resolve_preprocess(loaded.preprocess, test_input_size=cfg.train_res or
-                                  (loaded.preprocess or {}).get("train_input_size") or
-                                  (loaded.preprocess or {}).get("test_input_size"),
-                                  default_mean=loaded.default_mean, default_std=loaded.default_std)
-    train_res = cfg.train_res or base_cfg.train_input_size or base_cfg.test_input_size
-    if train_res is None:
-        raise UserInputError("the train resolution is unknown: pass --train-res")
-    base_cfg = base_cfg.at_resolution(train_res)
-    train_index = index_for_model(cfg.train_data, loaded)
-    if cfg.eval_data:
-        eval_index = index_for_model(cfg.eval_data, loaded)
-    else:
-        from fixres_deploy.data import split_by_hash
 
-        train_index, eval_index = split_by_hash(train_index, cfg.val_fraction)
-    if cfg.eval_limit:
-        eval_index = class_balanced_subset(eval_index, max(1, cfg.eval_limit // len(eval_index.classes)))
-    class_names = loaded.class_names or train_index.classes
-    ckpt_sha = sha256_file(cfg.checkpoint)
-    train_hash = train_index.content_hash()
-    eval_hash = eval_index.content_hash()
+class _Sweep:
+    """One sweep: the set-up shared by all stages, one method per stage, a flat main loop.
 
-    prior = None
-    if cfg.resolutions:
-        resolutions = sorted(set(int(r) for r in cfg.resolutions))
-    else:
-        prior = resolution_prior(train_res, stride=cfg.prior_stride, crop_pct=base_cfg.crop_pct,
-                                 image_sizes=image_sizes_from_folder(cfg.train_data, limit=300), samples=50_000)
-        resolutions = sorted(set(prior.candidates) | {train_res})
-    backends = [b for b in cfg.backends]
-    max_batch = max(cfg.batch_sizes)
-    mods = resolve_fixres_modules(loaded.model)
-    peak_rec, _ = store.run("peak", {"machine": machine, "versions": versions, "threads": cfg.threads},
-                            lambda d: measure_peak_gflops(threads=cfg.threads))
-    peak = (peak_rec.get("result") or {}).get("peak_gflops")
+    Every stage goes through ``self.store.run(stage, inputs, fn)``; ``inputs`` holds the hashes
+    of the upstream artifacts, so a record is reused exactly when nothing it depends on changed.
+    """
 
-    n_tasks = len(resolutions) * len(cfg.finetune) * len(cfg.precisions) * len(backends) * len(cfg.shape_modes)
-    bar = progress(total=n_tasks, desc="sweep")
-    points: list[SweepPoint] = []
-    failures: list[dict] = []
-    eval_cache = _EvalCache(eval_index, base_cfg)
+    def __init__(self, cfg: SweepConfig, out_dir: str | os.PathLike):
+        import torch
 
-    def fail(stage: str, what: str, rec: dict) -> None:
-        failures.append({"stage": stage, "what": what, "error": rec["error"], "key": rec["key"]})
-        log.warning("%s failed for %s: %s", stage, what, rec["error"])
+        from fixres_deploy.bench import measure_peak_gflops
+        from fixres_deploy.data import class_balanced_subset, split_by_hash
+        from fixres_deploy.evaluate import index_for_model
+        from fixres_deploy.finetune import resolve_fixres_modules
+        from fixres_deploy.models import load_model
+        from fixres_deploy.preprocess import resolve_preprocess
+        from fixres_deploy.prior import image_sizes_from_folder, resolution_prior
 
-    for res in resolutions:
-        rcfg = base_cfg.at_resolution(res)
-        for ft in cfg.finetune:
-            # ---- model at this resolution: base, or FixRes fine-tuned -------------------
-            if ft:
-                ft_inputs = {"checkpoint": ckpt_sha, "train": train_hash, "resolution": res,
-                             "preprocess": rcfg.to_dict(), "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
-                             "modules": mods.to_dict(), "versions": {"torch": versions["torch"]}}
+        self.t_start = time.perf_counter()
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ResultStore(cfg.store or self.out_dir / "store")
+        self.lat_cfg = _latency_config(cfg.latency)
+        self.versions = library_versions("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "numpy",
+                                         "fixres-deploy")
+        self.machine = machine_id()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
 
-                def do_ft(d: Path, rcfg=rcfg, res=res) -> dict:
-                    import copy
+        self.loaded = loaded = load_model(cfg.model, cfg.num_classes, cfg.checkpoint)
+        recorded = loaded.preprocess or {}
+        base_cfg = resolve_preprocess(
+            loaded.preprocess,
+            test_input_size=cfg.train_res or recorded.get("train_input_size") or recorded.get("test_input_size"),
+            default_mean=loaded.default_mean, default_std=loaded.default_std)
+        self.train_res = cfg.train_res or base_cfg.train_input_size or base_cfg.test_input_size
+        self.base_cfg = base_cfg.at_resolution(self.train_res)
+        self.train_index = index_for_model(cfg.train_data, loaded)
+        if cfg.eval_data:
+            self.eval_index = index_for_model(cfg.eval_data, loaded)
+        else:
+            self.train_index, self.eval_index = split_by_hash(self.train_index, cfg.val_fraction)
+        if cfg.eval_limit:
+            self.eval_index = class_balanced_subset(self.eval_index,
+                                                    max(1, cfg.eval_limit // len(self.eval_index.classes)))
+        self.class_names = loaded.class_names or self.train_index.classes
+        self.ckpt_sha = sha256_file(cfg.checkpoint)
+        self.train_hash = self.train_index.content_hash()
+        self.eval_hash = self.eval_index.content_hash()
+        self.prior = None
+        if cfg.resolutions:
+            self.resolutions = sorted(set(int(r) for r in cfg.resolutions))
+        else:
+            self.prior = resolution_prior(self.train_res, stride=cfg.prior_stride, crop_pct=self.base_cfg.crop_pct,
+                                          image_sizes=image_sizes_from_folder(cfg.train_data, limit=300),
+                                          samples=50_000)
+            self.resolutions = sorted(set(self.prior.candidates) | {self.train_res})
+        self.max_batch = max(cfg.batch_sizes)
+        self.mods = resolve_fixres_modules(loaded.model)
+        peak_rec, _ = self.store.run("peak", {"machine": self.machine, "versions": self.versions,
+                                              "threads": cfg.threads},
+                                     lambda d: measure_peak_gflops(threads=cfg.threads))
+        self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
+        self.eval_cache = _EvalCache(self.eval_index, self.base_cfg)
+        self.points: list[SweepPoint] = []
+        self.failures: list[dict] = []
 
-                    model = copy.deepcopy(loaded.model)
-                    stats = fixres_finetune(model, train_index, rcfg, FinetuneOptions(
-                        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr), mods=mods)
-                    path = save_checkpoint(d / f"model_r{res}.pt", model, spec=loaded.spec,
-                                           num_classes=loaded.num_classes, class_names=class_names,
-                                           preprocess=rcfg.to_dict())
-                    return {"checkpoint": str(path), "finetune": stats.to_dict(), "files": [str(path)]}
+    # -- helpers --------------------------------------------------------------------------
+    def _run(self, stage: str, inputs: dict, fn, what: str) -> dict:
+        rec, _ = self.store.run(stage, inputs, fn, retry_failed=self.cfg.retry_failed)
+        if rec["error"]:
+            self.failures.append({"stage": stage, "what": what, "error": rec["error"], "key": rec["key"]})
+            log.warning("%s failed for %s: %s", stage, what, rec["error"])
+            raise _Stage(f"{stage}: {rec['error']}")
+        return rec
 
-                bar.set_postfix_str(f"fine-tune @{res}")
-                rec, _ = store.run("finetune", ft_inputs, do_ft, retry_failed=cfg.retry_failed)
-                if rec["error"]:
-                    fail("finetune", f"@{res}", rec)
-                    bar.update(len(cfg.precisions) * len(backends) * len(cfg.shape_modes))
+    # -- stages ---------------------------------------------------------------------------
+    def model_at(self, res: int, ft: bool) -> tuple[str, str]:
+        """(checkpoint path, sha256): the base model, or the FixRes fine-tune at ``res``."""
+        if not ft:
+            return self.cfg.checkpoint, self.ckpt_sha
+        import copy
+
+        from fixres_deploy.finetune import FinetuneOptions, fixres_finetune
+        from fixres_deploy.models import save_checkpoint
+
+        rcfg = self.base_cfg.at_resolution(res)
+        cfg = self.cfg
+
+        def do_ft(d: Path) -> dict:
+            model = copy.deepcopy(self.loaded.model)
+            stats = fixres_finetune(model, self.train_index, rcfg, FinetuneOptions(
+                epochs=cfg.finetune_epochs, lr=cfg.finetune_lr), mods=self.mods)
+            path = save_checkpoint(d / f"model_r{res}.pt", model, spec=self.loaded.spec,
+                                   num_classes=self.loaded.num_classes, class_names=self.class_names,
+                                   preprocess=rcfg.to_dict())
+            return {"checkpoint": str(path), "finetune": stats.to_dict(), "files": [str(path)]}
+
+        inputs = {"checkpoint": self.ckpt_sha, "train": self.train_hash, "resolution": res,
+                  "preprocess": rcfg.to_dict(), "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
+                  "modules": self.mods.to_dict(), "versions": {"torch": self.versions["torch"]}}
+        rec = self._run("finetune", inputs, do_ft, f"@{res}")
+        path = rec["result"]["checkpoint"]
+        return path, sha256_file(path)
+
+    def export(self, res: int, ckpt_path: str, model_sha: str, ft: bool) -> tuple[str, str, float | None]:
+        """(ONNX path, sha256, GFLOPs per image) of a dynamic-axes export of the checkpoint."""
+        from fixres_deploy.export import export_onnx
+        from fixres_deploy.flops import count_flops
+        from fixres_deploy.models import load_model
+
+        rcfg = self.base_cfg.at_resolution(res)
+
+        def do_export(d: Path) -> dict:
+            lm = load_model(self.loaded.spec, self.loaded.num_classes, ckpt_path, image_size=res)
+            path = d / f"model_r{res}.onnx"
+            er = export_onnx(lm.model, path, rcfg, dynamic=True, exporter=self.cfg.exporter,
+                             validation_images=self.train_index, validate_resolutions=[res],
+                             class_names=self.class_names, model_spec=self.loaded.spec, write_sidecar=False)
+            return {"onnx": str(path), "export": er.to_dict(), "files": [str(path)]}
+
+        inputs = {"model": model_sha, "preprocess": rcfg.to_dict(), "exporter": self.cfg.exporter,
+                  "class_names": self.class_names, "versions": self.versions}
+        rec = self._run("export", inputs, do_export, f"@{res} ft={ft}")
+        path = rec["result"]["onnx"]
+        sha = sha256_file(path)
+        flops_rec, _ = self.store.run("flops", {"onnx": sha, "resolution": res},
+                                      lambda d: count_flops(path, res).to_dict())
+        return path, sha, (flops_rec.get("result") or {}).get("total_gflops")
+
+    def variant(self, res: int, onnx_path: str, onnx_sha: str, precision: str, backend: str,
+                ft: bool) -> tuple[str, str, dict]:
+        """(path, sha256, int8 details) of the precision variant for ``backend``."""
+        from fixres_deploy.calibration import calibration_batches
+        from fixres_deploy.data import class_balanced_subset
+        from fixres_deploy.precision import default_int8_flavor, make_precision_variant
+
+        cfg = self.cfg
+        rcfg = self.base_cfg.at_resolution(res)
+        int8 = precision == "int8"
+        flavor = default_int8_flavor(backend) if int8 else None
+
+        def do_variant(d: Path) -> dict:
+            batches = None
+            if int8:
+                per_class = max(1, cfg.calibration_size // len(self.train_index.classes))
+                batches = calibration_batches(class_balanced_subset(self.train_index, per_class), rcfg)
+            v = make_precision_variant(onnx_path, precision, str(d / f"model_r{res}.{precision}.onnx"),
+                                       calibration_batches=batches, flavor=flavor or "tensorrt",
+                                       method=cfg.calibration_method,
+                                       float_layers=None if cfg.int8_float_layers == "none" else cfg.int8_float_layers)
+            return {"variant": v.to_dict(), "path": v.path, "files": [v.path]}
+
+        inputs = {"onnx": onnx_sha, "precision": precision, "flavor": flavor,
+                  "method": cfg.calibration_method if int8 else None,
+                  "float_layers": cfg.int8_float_layers if int8 else None,
+                  "calibration": {"train": self.train_hash, "n": cfg.calibration_size,
+                                  "preprocess": rcfg.to_dict()} if int8 else None,
+                  "versions": self.versions}
+        rec = self._run("variant", inputs, do_variant, f"{precision} @{res} ft={ft}")
+        path = rec["result"]["path"]
+        quant = {k: rec["result"]["variant"].get(k) for k in ("flavor", "float_layers", "calibration")} if int8 else {}
+        return path, sha256_file(path), quant
+
+    def shapes_for(self, res: int, mode: str) -> dict[int, object]:
+        """ShapeSpec per batch size: fixed engines per batch; one dynamic engine for all."""
+        from fixres_deploy.backends.base import ShapeProfile, ShapeSpec
+
+        if mode == "fixed":
+            return {b: ShapeSpec.fixed(b, res) for b in sorted(set(self.cfg.batch_sizes) | {self.max_batch})}
+        # one profile over every candidate resolution and batch, tuned (opt) for this one
+        band = ShapeSpec.resolution_bands(self.resolutions, max_batch=self.max_batch).profiles[0]
+        dyn = ShapeSpec.dynamic([ShapeProfile(band.min, (self.max_batch, 3, res, res), band.max)])
+        return {b: dyn for b in self.cfg.batch_sizes}
+
+    def engine(self, var_path: str, var_sha: str, backend: str, precision: str, shapes, what: str) -> dict:
+        from fixres_deploy.backends.base import BuildOptions, build_engine
+
+        def do_engine(d: Path) -> dict:
+            art = build_engine(backend, var_path, shapes, BuildOptions(threads=self.cfg.threads),
+                               out_dir=str(d), precision=precision)
+            if art.error:
+                raise RuntimeError(art.error)
+            files = [art.path] if art.path and str(art.path).startswith(str(d)) else []
+            return {"artifact": art.to_dict(), "files": files}
+
+        inputs = {"variant": var_sha, "backend": backend, "shapes": shapes.to_dict(), "threads": self.cfg.threads,
+                  "versions": self.versions}
+        return self._run("engine", inputs, do_engine, what)["result"]["artifact"]
+
+    def accuracy(self, art: dict, res: int, mode: str, what: str) -> dict:
+        """Top-1/top-5 of the engine itself on the evaluation images (once per engine graph)."""
+        from fixres_deploy.backends.base import load_runner
+        from fixres_deploy.evaluate import pack_bits
+
+        def do_acc(d: Path) -> dict:
+            x, y, idx, skipped = self.eval_cache.get(res)
+            r = _evaluate_runner(load_runner(art), x, y, idx, skipped, self.max_batch, fixed_batch=(mode == "fixed"))
+            return {"top1": r.top1, "top1_ci": list(r.top1_ci), "top5": r.top5, "top5_ci": list(r.top5_ci),
+                    "n": r.n, "skipped": r.skipped, "correct1_bits": pack_bits(r.correct1)}
+
+        inputs = {"engine": art.get("sha256") or art.get("path"), "eval": self.eval_hash,
+                  "preprocess": self.base_cfg.at_resolution(res).to_dict(), "batch": self.max_batch,
+                  "versions": self.versions}
+        return self._run("accuracy", inputs, do_acc, what)["result"]
+
+    def latency(self, art: dict, batch: int, res: int, what: str) -> dict:
+        from fixres_deploy.backends.base import load_runner
+        from fixres_deploy.bench import measure_latency
+
+        def do_lat(d: Path) -> dict:
+            x = np.random.default_rng(0).standard_normal((batch, 3, res, res)).astype(np.float32)
+            with load_runner(art) as runner:
+                return measure_latency(runner, x, self.lat_cfg).to_dict()
+
+        inputs = {"engine": art.get("sha256") or art.get("path"), "batch": batch, "resolution": res,
+                  "latency": self.lat_cfg.to_dict(), "machine": self.machine, "threads": self.cfg.threads,
+                  "versions": self.versions}
+        rec = self._run("latency", inputs, do_lat, what)
+        return {**rec["result"], "key": rec["key"]}
+
+    # -- grid -----------------------------------------------------------------------------
+    def measure_mode(self, base: dict, var_path: str, var_sha: str, mode: str) -> None:
+        """Engines, accuracy and latency of one (variant, backend, shape mode): one point per batch."""
+        res, backend, precision = base["resolution"], base["backend"], base["precision"]
+        what = f"{backend} {precision} @{res} {mode}{' FixRes' if base['finetuned'] else ''}"
+        engines: dict[int, dict] = {}
+        try:
+            for b, shapes in self.shapes_for(res, mode).items():
+                engines[b] = engines[next(iter(engines))] if mode == "dynamic" and engines else \
+                    self.engine(var_path, var_sha, backend, precision, shapes, what)
+            acc = self.accuracy(engines[self.max_batch] if mode == "fixed" else engines[self.cfg.batch_sizes[0]],
+                                res, mode, what)
+        except _Stage as exc:
+            self.points.extend(SweepPoint(batch_size=b, error=str(exc), **base) for b in self.cfg.batch_sizes)
+            return
+        for b in self.cfg.batch_sizes:
+            art = engines[b]
+            point = SweepPoint(batch_size=b, **base, top1=acc["top1"], top1_ci=acc["top1_ci"], top5=acc["top5"],
+                               top5_ci=acc["top5_ci"], n=acc["n"], correct1_bits=acc["correct1_bits"],
+                               engine_path=art.get("path"), engine=art)
+            try:
+                lat = self.latency(art, b, res, f"{what} b{b}")
+                point.key = lat["key"]
+                _fill_latency(point, lat)
+            except _Stage as exc:
+                point.error = str(exc)
+            self.points.append(point)
+
+    def run(self) -> SweepResult:
+        cfg = self.cfg
+        per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
+        bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
+        for res in self.resolutions:
+            for ft in cfg.finetune:
+                bar.set_postfix_str(f"{'fine-tune + ' if ft else ''}export @{res}")
+                try:
+                    ckpt_path, model_sha = self.model_at(res, ft)
+                    onnx_path, onnx_sha, gflops = self.export(res, ckpt_path, model_sha, ft)
+                except _Stage:
+                    bar.update(per_model)
                     continue
-                ckpt_path = rec["result"]["checkpoint"]
-                model_sha = sha256_file(ckpt_path)
-            else:
-                ckpt_path, model_sha = cfg.checkpoint, ckpt_sha
-
-            # ---- ONNX export (dynamic axes; fixed engines get fixed copies) --------------
-            exp_inputs = {"model": model_sha, "preprocess": rcfg.to_dict(), "exporter": cfg.exporter,
-                          "class_names": class_names, "versions": versions}
-
-            def do_export(d: Path, rcfg=rcfg, ckpt_path=ckpt_path, res=res) -> dict:
-                lm = load_model(None if loaded.spec is None else loaded.spec, loaded.num_classes, ckpt_path,
-                                image_size=res)
-                path = d / f"model_r{res}.onnx"
-                er = export_onnx(lm.model, path, rcfg, dynamic=True, exporter=cfg.exporter,
-                                 validation_images=train_index, validate_resolutions=[res],
-                                 class_names=class_names, model_spec=loaded.spec, write_sidecar=False)
-                return {"onnx": str(path), "export": er.to_dict(), "files": [str(path)]}
-
-            bar.set_postfix_str(f"export @{res}{' FixRes' if ft else ''}")
-            rec, _ = store.run("export", exp_inputs, do_export, retry_failed=cfg.retry_failed)
-            if rec["error"]:
-                fail("export", f"@{res} ft={ft}", rec)
-                bar.update(len(cfg.precisions) * len(backends) * len(cfg.shape_modes))
-                continue
-            onnx_path = rec["result"]["onnx"]
-            onnx_sha = sha256_file(onnx_path)
-            flops_rec, _ = store.run("flops", {"onnx": onnx_sha, "resolution": res},
-                                     lambda d, p=onnx_path, r=res: count_flops(p, r).to_dict())
-            gflops = (flops_rec.get("result") or {}).get("total_gflops")
-
-            for precision in cfg.precisions:
-                for backend in backends:
-                    flavor = default_int8_flavor(backend) if precision == "int8" else None
-                    var_inputs = {"onnx": onnx_sha, "precision": precision, "flavor": flavor,
-                                  "method": cfg.calibration_method if precision == "int8" else None,
-                                  "float_layers": cfg.int8_float_layers if precision == "int8" else None,
-                                  "calibration": {"train": train_hash, "n": cfg.calibration_size,
-                                                  "preprocess": rcfg.to_dict()} if precision == "int8" else None,
-                                  "versions": versions}
-
-                    def do_variant(d: Path, precision=precision, flavor=flavor, onnx_path=onnx_path, rcfg=rcfg, res=res):
-                        batches = None
-                        if precision == "int8":
-                            calib = class_balanced_subset(train_index, max(1, cfg.calibration_size // len(train_index.classes)))
-                            batches = calibration_batches(calib, rcfg)
-                        out = d / f"model_r{res}.{precision}.onnx"
-                        fl = None if cfg.int8_float_layers == "none" else cfg.int8_float_layers
-                        v = make_precision_variant(onnx_path, precision, str(out), calibration_batches=batches,
-                                                   flavor=flavor or "tensorrt", method=cfg.calibration_method,
-                                                   float_layers=fl)
-                        return {"variant": v.to_dict(), "path": v.path, "files": [v.path]}
-
-                    bar.set_postfix_str(f"{precision} variant @{res}")
-                    vrec, _ = store.run("variant", var_inputs, do_variant, retry_failed=cfg.retry_failed)
-                    if vrec["error"]:
-                        fail("variant", f"{precision} @{res} ft={ft}", vrec)
-                        bar.update(len(cfg.shape_modes))
-                        continue
-                    var_path = vrec["result"]["path"]
-                    var_sha = sha256_file(var_path)
-                    quant = {k: vrec["result"]["variant"].get(k) for k in ("flavor", "float_layers", "calibration")} \
-                        if precision == "int8" else {}
-
-                    for mode in cfg.shape_modes:
-                        bar.set_postfix_str(f"{backend} {precision} @{res} {mode}{' FixRes' if ft else ''}")
-                        shapes_by_batch: dict[int, ShapeSpec] = {}
-                        if mode == "fixed":
-                            for b in sorted(set(cfg.batch_sizes) | {max_batch}):
-                                shapes_by_batch[b] = ShapeSpec.fixed(b, res)
-                        else:
-                            dyn = ShapeSpec.resolution_bands(resolutions, max_batch=max_batch, opt_batch=max_batch)
-                            # the profile's opt at this resolution: what TensorRT tunes for
-                            from fixres_deploy.backends.base import ShapeProfile
-
-                            prof = dyn.profiles[0]
-                            dyn = ShapeSpec.dynamic([ShapeProfile(prof.min, (max_batch, 3, res, res), prof.max)])
-                            for b in cfg.batch_sizes:
-                                shapes_by_batch[b] = dyn
-                        engines: dict[int, dict] = {}
-                        for b, shapes in shapes_by_batch.items():
-                            if mode == "dynamic" and engines:
-                                engines[b] = next(iter(engines.values()))
-                                continue
-                            eng_inputs = {"variant": var_sha, "backend": backend, "shapes": shapes.to_dict(),
-                                          "threads": cfg.threads, "versions": versions}
-
-                            def do_engine(d: Path, shapes=shapes, backend=backend, var_path=var_path, precision=precision):
-                                art = build_engine(backend, var_path, shapes, BuildOptions(threads=cfg.threads),
-                                                   out_dir=str(d), precision=precision)
-                                if art.error:
-                                    raise RuntimeError(art.error)
-                                files = [art.path] if art.path and str(art.path).startswith(str(d)) else []
-                                return {"artifact": art.to_dict(), "files": files}
-
-                            erec, _ = store.run("engine", eng_inputs, do_engine, retry_failed=cfg.retry_failed)
-                            engines[b] = erec
-                        # accuracy: once per (graph, backend, mode), at the largest batch
-                        acc_engine = engines[max_batch] if mode == "fixed" else engines[cfg.batch_sizes[0]]
-                        base_point = dict(resolution=res, precision=precision, backend=backend, shape_mode=mode,
-                                          finetuned=ft, onnx_path=var_path, checkpoint=ckpt_path, quant=quant,
-                                          gflops_per_image=gflops, peak_gflops=peak)
-                        if acc_engine["error"]:
-                            fail("engine", f"{backend} {precision} @{res} {mode}", acc_engine)
-                            for b in cfg.batch_sizes:
-                                points.append(SweepPoint(batch_size=b, error=f"engine: {acc_engine['error']}", **base_point))
-                            bar.update(1)
+                for precision in cfg.precisions:
+                    for backend in cfg.backends:
+                        base = dict(resolution=res, precision=precision, backend=backend, finetuned=ft,
+                                    checkpoint=ckpt_path, gflops_per_image=gflops, peak_gflops=self.peak)
+                        try:
+                            var_path, var_sha, quant = self.variant(res, onnx_path, onnx_sha, precision, backend, ft)
+                        except _Stage as exc:
+                            self.points.extend(SweepPoint(batch_size=b, shape_mode=m, error=str(exc), **base)
+                                               for m in cfg.shape_modes for b in cfg.batch_sizes)
+                            bar.update(len(cfg.shape_modes))
                             continue
-                        art = acc_engine["result"]["artifact"]
-                        acc_inputs = {"engine": art.get("sha256") or acc_engine["key"], "eval": eval_hash,
-                                      "preprocess": rcfg.to_dict(), "batch": max_batch, "versions": versions}
-
-                        def do_acc(d: Path, art=art, res=res, mode=mode):
-                            x, y, idx, skipped = eval_cache.get(res)
-                            runner = load_runner(art)
-                            r = _evaluate_runner(runner, x, y, idx, skipped, max_batch, fixed_batch=(mode == "fixed"))
-                            return {"top1": r.top1, "top1_ci": list(r.top1_ci), "top5": r.top5,
-                                    "top5_ci": list(r.top5_ci), "n": r.n, "skipped": r.skipped,
-                                    "correct1_bits": pack_bits(r.correct1)}
-
-                        arec, _ = store.run("accuracy", acc_inputs, do_acc, retry_failed=cfg.retry_failed)
-                        if arec["error"]:
-                            fail("accuracy", f"{backend} {precision} @{res} {mode}", arec)
-                        for b in cfg.batch_sizes:
-                            erec = engines[b]
-                            point = SweepPoint(batch_size=b, **base_point)
-                            if arec["error"] or erec["error"]:
-                                point.error = arec["error"] or erec["error"]
-                                points.append(point)
-                                continue
-                            acc = arec["result"]
-                            point.top1, point.top1_ci, point.top5, point.top5_ci = acc["top1"], acc["top1_ci"], acc["top5"], acc["top5_ci"]
-                            point.n, point.correct1_bits = acc["n"], acc["correct1_bits"]
-                            eart = erec["result"]["artifact"]
-                            point.engine_path = eart.get("path")
-                            point.engine = eart
-                            lat_inputs = {"engine": eart.get("sha256") or erec["key"], "batch": b, "resolution": res,
-                                          "latency": lat_cfg.to_dict(), "machine": machine, "threads": cfg.threads,
-                                          "versions": versions}
-
-                            def do_lat(d: Path, eart=eart, b=b, res=res):
-                                runner = load_runner(eart)
-                                x = np.random.default_rng(0).standard_normal((b, 3, res, res)).astype(np.float32)
-                                with runner:
-                                    lr = measure_latency(runner, x, lat_cfg)
-                                return lr.to_dict()
-
-                            lrec, _ = store.run("latency", lat_inputs, do_lat, retry_failed=cfg.retry_failed)
-                            point.key = lrec["key"]
-                            if lrec["error"]:
-                                fail("latency", point.label, lrec)
-                                point.error = lrec["error"]
-                            else:
-                                _fill_latency(point, lrec["result"])
-                            points.append(point)
-                        bar.update(1)
-    bar.close()
-    result = SweepResult(
-        points=points, train_res=train_res, resolutions=resolutions, config=cfg.to_dict(),
-        prior=prior.to_dict() if prior else None, class_names=list(class_names), preprocess=base_cfg.to_dict(),
-        peak_gflops=peak, seconds=time.perf_counter() - t_start, store_hits=store.hits, store_misses=store.misses,
-        failures=failures, finetune_curve=_curve_from_points(points, train_res),
-    )
-    write_json(out_dir / "sweep.json", result.to_dict())
-    return result
+                        for mode in cfg.shape_modes:
+                            bar.set_postfix_str(f"{backend} {precision} @{res} {mode}{' FixRes' if ft else ''}")
+                            self.measure_mode(dict(base, shape_mode=mode, onnx_path=var_path, quant=quant),
+                                              var_path, var_sha, mode)
+                            bar.update(1)
+        bar.close()
+        result = SweepResult(
+            points=self.points, train_res=self.train_res, resolutions=self.resolutions, config=cfg.to_dict(),
+            prior=self.prior.to_dict() if self.prior else None, class_names=list(self.class_names),
+            preprocess=self.base_cfg.to_dict(), peak_gflops=self.peak, seconds=time.perf_counter() - self.t_start,
+            store_hits=self.store.hits, store_misses=self.store.misses, failures=self.failures,
+            finetune_curve=_curve_from_points(self.points, self.train_res),
+        )
+        write_json(self.out_dir / "sweep.json", result.to_dict())
+        return result
 
 
 def _fill_latency(point: SweepPoint, lat: dict) -> None:
