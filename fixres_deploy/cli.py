@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 from typing import Any, Callable
 

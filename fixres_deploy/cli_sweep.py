@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fixres_deploy.cli import _emit, _range2, command  # noqa: F401  (command registers handlers)
+from fixres_deploy.cli import _emit, command
 
 
 def _csv(text: str) -> list[str]:

@@ -23,6 +23,27 @@ class MissingDependencyError(FixResError, ImportError):
     """An optional library is needed for this feature; the message names the pip extra."""
 
 
+def require_any(modules: tuple[str, ...], extra: str, feature: str, package: str, hint: str = ""):
+    """Import the first importable of ``modules`` (e.g. a package's new and old locations).
+
+    Raises:
+        MissingDependencyError: none imports; the message lists why each failed and names the
+            pip package and the fixres-deploy extra.
+    """
+    import importlib
+
+    errors = []
+    for name in modules:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise MissingDependencyError(
+        f"{feature} need the Python package '{package}', which is not installed ({'; '.join(errors)}). "
+        f"Install it with: pip install 'fixres-deploy[{extra}]'{hint}"
+    )
+
+
 def require(module: str, extra: str, feature: str):
     """Import an optional module or raise a MissingDependencyError naming the pip extra.
 

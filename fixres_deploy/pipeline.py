@@ -11,9 +11,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fixres_deploy.errors import UserInputError
 from fixres_deploy.utils import read_json, stable_hash, write_json
+
+if TYPE_CHECKING:  # imported lazily at run time: keeps `fixres-deploy --help` light
+    from fixres_deploy.select import SelectionConfig
+    from fixres_deploy.sweep import SweepConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,8 @@ PIPELINE_SECTIONS = {
 class PipelineConfig:
     """`fixres-deploy run`'s config: the TOML file's sections as dataclasses."""
 
-    sweep: "object"
-    select: "object"
+    sweep: SweepConfig
+    select: SelectionConfig
     out: str
     bundle: bool = True
     tar: bool = False

@@ -15,7 +15,6 @@ re-run without re-training. Prints Markdown; writes ``results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -81,7 +80,7 @@ def main() -> int:
                                     out_dir=os.path.join(args.out, "finetuned"), opts=opts)
         results["table"] = [r.to_dict() for r in rows]
         base = next((r.top1_before for r in rows if r.resolution == args.train_res), None)
-        print(f"| test res | top-1 no fine-tune [95% CI] | top-1 FixRes [95% CI] | Δ vs train res |")
+        print("| test res | top-1 no fine-tune [95% CI] | top-1 FixRes [95% CI] | Δ vs train res |")
         print("|---:|---|---|---:|")
         for r in rows:
             delta = f"{(r.top1_after - base) * 100:+.1f} pts" if base is not None else ""

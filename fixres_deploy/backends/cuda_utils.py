@@ -15,12 +15,11 @@ bindings without a GPU.
 from __future__ import annotations
 
 import ctypes
-import importlib
 from typing import Any, Callable
 
 import numpy as np
 
-from fixres_deploy.errors import FixResError, MissingDependencyError
+from fixres_deploy.errors import FixResError, require_any
 
 
 class CudaError(FixResError, RuntimeError):
@@ -33,16 +32,8 @@ def import_cudart(feature: str = "TensorRT engines"):
     cuda-python >= 12.6 moved the bindings to ``cuda.bindings``; older releases only have
     ``from cuda import cudart``.
     """
-    errors = []
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise MissingDependencyError(
-        f"{feature} need the Python package 'cuda-python' (CUDA runtime bindings), which is not "
-        f"installed ({'; '.join(errors)}). Install it with: pip install 'fixres-deploy[gpu]'"
-    )
+    return require_any(("cuda.bindings.runtime", "cuda.cudart"), "gpu", feature,
+                       "cuda-python (CUDA runtime bindings)")
 
 
 def check(cudart, result: Any, what: str):

@@ -53,7 +53,7 @@ from fixres_deploy.backends.cuda_utils import (
     ensure_device,
     import_cudart,
 )
-from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError
+from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError, require_any
 from fixres_deploy.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,8 @@ class EngineLoadError(FixResError, RuntimeError):
 
 def import_tensorrt(feature: str = "TensorRT engines"):
     """The ``tensorrt`` module (or the bare ``tensorrt_bindings`` wheel), else MissingDependencyError."""
-    import importlib
-
-    errors = []
-    for name in ("tensorrt", "tensorrt_bindings"):
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise MissingDependencyError(
-        f"{feature} need the Python package 'tensorrt', which is not installed ({'; '.join(errors)}). "
-        "Install it with: pip install 'fixres-deploy[gpu]' (needs an NVIDIA GPU and driver)"
-    )
+    return require_any(("tensorrt", "tensorrt_bindings"), "gpu", feature, "tensorrt",
+                       " (needs an NVIDIA GPU and driver)")
 
 
 def check_available() -> None:
