@@ -7,7 +7,7 @@ work on a machine without any of them.
 
 __version__ = "0.1.0"
 
-from fixres_deploy.errors import FixResError  # noqa: E402  (lightweight, no third-party imports)
-from fixres_deploy.preprocess import PreprocessConfig  # noqa: E402
+from fixres_deploy.core.errors import FixResError
+from fixres_deploy.core.preprocess import PreprocessConfig
 
 __all__ = ["FixResError", "PreprocessConfig", "__version__"]

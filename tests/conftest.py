@@ -48,7 +48,7 @@ def random_folder(tmp_path):
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory):
     """The built-in demo data at a small size (a few seconds to generate)."""
-    from fixres_deploy.demo_data import write_demo_data
+    from fixres_deploy.data.demo import write_demo_data
 
     root = tmp_path_factory.mktemp("demo_small")
     write_demo_data(root, train_per_class=16, val_per_class=8)
@@ -58,7 +58,7 @@ def demo_small(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_trained(tmp_path_factory):
     """The demo recipe at test size: data + a tiny_resnet trained at 64 px (about a minute)."""
-    from fixres_deploy.pipeline import prepare_demo_model
+    from fixres_deploy.sweep.pipeline import prepare_demo_model
 
     root = tmp_path_factory.mktemp("demo_trained")
     return prepare_demo_model(str(root), size="test")

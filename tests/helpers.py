@@ -13,7 +13,7 @@ def spread_model(images: np.ndarray, num_classes: int = 10, seed: int = 0):
     """
     import torch
 
-    from fixres_deploy.models import build_model
+    from fixres_deploy.models.registry import build_model
 
     torch.manual_seed(seed)
     model = build_model("fixres:tiny_resnet", num_classes)[0]

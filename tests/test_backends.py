@@ -16,12 +16,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import spread_model, torch_logits
 
 from fixres_deploy.backends import BuildOptions, ShapeSpec, build_engine, load_runner
 from fixres_deploy.backends.base import EngineArtifact, ShapeError, onnx_io
-from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError
-
-from helpers import spread_model, torch_logits
+from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError
 
 RES = 64
 
@@ -46,9 +45,9 @@ def _assert_close(y: np.ndarray, ref: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def exported(demo_small, tmp_path_factory):
-    from fixres_deploy.calibration import calibration_batches
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.preprocess import PreprocessConfig
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.precision.calibration import calibration_batches
 
     root = tmp_path_factory.mktemp("backends")
     cfg = PreprocessConfig(RES)
@@ -68,13 +67,19 @@ def _diverse(model, images: np.ndarray, n: int = 8) -> np.ndarray:
 
 
 def test_ort_fixed_engine_matches_torch_and_records_build(exported, tmp_path):
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(8, RES), BuildOptions(threads=1),
-                       out_dir=str(tmp_path), name="fixed64")
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.fixed(8, RES),
+        BuildOptions(threads=1),
+        out_dir=str(tmp_path),
+        name="fixed64",
+    )
     assert art.error is None
     # A fixed-shape copy of the dynamic export, so ORT plans for one shape.
     assert onnx_io(art.path).input_dims == (8, 3, RES, RES)
     assert onnx_io(exported.onnx).dynamic_axes == [0, 2, 3]
-    from fixres_deploy.utils import sha256_file
+    from fixres_deploy.core.utils import sha256_file
 
     assert art.sha256 == sha256_file(art.path) and art.size_bytes == os.path.getsize(art.path)
     assert art.meta["fixed_shape_copy"] is True and art.meta["threads"] == 1
@@ -92,8 +97,14 @@ def test_ort_fixed_engine_matches_torch_and_records_build(exported, tmp_path):
 def test_ort_dynamic_engine_runs_five_resolutions(exported, tmp_path):
     resolutions = [48, 64, 80, 96, 128]
     shapes = ShapeSpec.resolution_bands(resolutions, max_batch=4, bands=2)
-    art = build_engine("onnxruntime", exported.onnx, shapes, BuildOptions(threads=1, save_optimized=False),
-                       out_dir=str(tmp_path), name="dyn")
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        shapes,
+        BuildOptions(threads=1, save_optimized=False),
+        out_dir=str(tmp_path),
+        name="dyn",
+    )
     assert art.error is None and art.meta["fixed_shape_copy"] is False and art.meta["optimized_model"] is None
     assert onnx_io(art.path).dynamic_axes == [0, 2, 3]
     with load_runner(art) as runner:
@@ -107,8 +118,14 @@ def test_ort_dynamic_engine_runs_five_resolutions(exported, tmp_path):
 
 
 def test_fixed_engine_refuses_other_shapes(exported, tmp_path):
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(2, RES), BuildOptions(threads=1),
-                       out_dir=str(tmp_path), name="fixed")
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.fixed(2, RES),
+        BuildOptions(threads=1),
+        out_dir=str(tmp_path),
+        name="fixed",
+    )
     with load_runner(art) as runner:
         runner.predict(exported.images[:2])
         with pytest.raises(ShapeError, match=r"fixed-shape engine.*profile 0: min \[2, 3, 64, 64\]"):
@@ -129,8 +146,14 @@ def test_fixed_engine_refuses_other_shapes(exported, tmp_path):
 
 
 def test_runner_lifecycle(exported, tmp_path):
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(1, RES), BuildOptions(threads=1),
-                       out_dir=str(tmp_path), name="life")
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.fixed(1, RES),
+        BuildOptions(threads=1),
+        out_dir=str(tmp_path),
+        name="life",
+    )
     runner = load_runner(art)
     with pytest.raises(FixResError, match="not active"):
         runner.predict(exported.images[:1])
@@ -158,8 +181,12 @@ def test_failed_ort_build_is_recorded_not_raised(tmp_path):
     from onnx import TensorProto, helper
 
     node = helper.make_node("NoSuchOp", ["input"], ["logits"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     path = str(tmp_path / "bad.onnx")
     onnx.save(model, path)
@@ -171,19 +198,39 @@ def test_failed_ort_build_is_recorded_not_raised(tmp_path):
 
 def test_provider_and_option_errors(exported, tmp_path):
     with pytest.raises(MissingDependencyError, match=r"fixres-deploy\[gpu\]"):
-        build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(1, RES),
-                     BuildOptions(providers=["CUDAExecutionProvider"]), out_dir=str(tmp_path))
+        build_engine(
+            "onnxruntime",
+            exported.onnx,
+            ShapeSpec.fixed(1, RES),
+            BuildOptions(providers=["CUDAExecutionProvider"]),
+            out_dir=str(tmp_path),
+        )
     with pytest.raises(UserInputError, match="unknown ONNX Runtime execution provider"):
-        build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(1, RES),
-                     BuildOptions(providers=["NoSuchExecutionProvider"]), out_dir=str(tmp_path))
+        build_engine(
+            "onnxruntime",
+            exported.onnx,
+            ShapeSpec.fixed(1, RES),
+            BuildOptions(providers=["NoSuchExecutionProvider"]),
+            out_dir=str(tmp_path),
+        )
     with pytest.raises(UserInputError, match="graph optimization level"):
-        build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(1, RES),
-                     BuildOptions(graph_optimization="max"), out_dir=str(tmp_path))
+        build_engine(
+            "onnxruntime",
+            exported.onnx,
+            ShapeSpec.fixed(1, RES),
+            BuildOptions(graph_optimization="max"),
+            out_dir=str(tmp_path),
+        )
     with pytest.raises(UserInputError, match="unknown backend"):
         build_engine("openvino", exported.onnx, ShapeSpec.fixed(1, RES), out_dir=str(tmp_path))
     # TensorRT-only options are recorded as ignored, not silently dropped.
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(1, RES),
-                       BuildOptions(threads=1, workspace_mb=512, save_optimized=False), out_dir=str(tmp_path))
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.fixed(1, RES),
+        BuildOptions(threads=1, workspace_mb=512, save_optimized=False),
+        out_dir=str(tmp_path),
+    )
     assert art.meta["ignored_options"] == ["workspace_mb"]
 
 
@@ -205,8 +252,14 @@ def test_missing_libraries_name_the_extra(exported, tmp_path, monkeypatch):
 
 def test_torch_free_import_and_run(exported, tmp_path):
     """The production path: the ORT/TensorRT backends import and an ORT engine runs without torch."""
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.fixed(2, RES), BuildOptions(threads=1),
-                       out_dir=str(tmp_path), name="prod")
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.fixed(2, RES),
+        BuildOptions(threads=1),
+        out_dir=str(tmp_path),
+        name="prod",
+    )
     np.save(tmp_path / "x.npy", exported.images[:2])
     (tmp_path / "art.json").write_text(json.dumps(art.to_dict()))
     code = (
@@ -228,16 +281,27 @@ def test_torch_free_import_and_run(exported, tmp_path):
 
 def test_torch_backend_reference(exported, tmp_path):
     from fixres_deploy.backends.torch_backend import TorchRunner
-    from fixres_deploy.models import save_checkpoint
+    from fixres_deploy.models.registry import save_checkpoint
 
     ckpt = save_checkpoint(tmp_path / "m.pt", exported.model, spec="fixres:tiny_resnet", num_classes=10)
     with pytest.raises(UserInputError, match="checkpoint"):
         build_engine("torch", exported.onnx, ShapeSpec.fixed(1, RES), out_dir=str(tmp_path))
     with pytest.raises(UserInputError, match="fp32 or fp16"):
-        build_engine("torch", exported.onnx, ShapeSpec.fixed(1, RES), BuildOptions(extra={"checkpoint": ckpt}),
-                     out_dir=str(tmp_path), precision="int8")
-    art = build_engine("torch", exported.onnx, ShapeSpec.resolution_bands([64, 96], max_batch=8),
-                       BuildOptions(extra={"checkpoint": ckpt}), out_dir=str(tmp_path))
+        build_engine(
+            "torch",
+            exported.onnx,
+            ShapeSpec.fixed(1, RES),
+            BuildOptions(extra={"checkpoint": ckpt}),
+            out_dir=str(tmp_path),
+            precision="int8",
+        )
+    art = build_engine(
+        "torch",
+        exported.onnx,
+        ShapeSpec.resolution_bands([64, 96], max_batch=8),
+        BuildOptions(extra={"checkpoint": ckpt}),
+        out_dir=str(tmp_path),
+    )
     assert art.path == ckpt and art.meta["model"] == "fixres:tiny_resnet"
     ref = torch_logits(exported.model, exported.images)
     with load_runner(art) as runner:
@@ -265,7 +329,7 @@ def test_tensorrt_precision_checks_on_real_graphs(exported, tmp_path):
     with pytest.raises(UserInputError, match="strongly typed"):
         check_precision_request("fp16", carried, legacy_fp16_flag=False, onnx_path=exported.onnx)
     check_precision_request("fp16", carried, legacy_fp16_flag=True, onnx_path=exported.onnx)
-    precision = pytest.importorskip("fixres_deploy.precision")
+    precision = pytest.importorskip("fixres_deploy.precision.variants")
     fp16 = precision.make_precision_variant(exported.onnx, "fp16", str(tmp_path / "m16.onnx"))
     carried16 = graph_precision(fp16.path)
     assert carried16["fp16"] and not carried16["qdq"]
@@ -297,9 +361,13 @@ def _cuda_device_available() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ort_cuda_available(), reason="onnxruntime-gpu with CUDAExecutionProvider not installed")
 def test_ort_cuda_io_binding_matches_torch(exported, tmp_path):
-    art = build_engine("onnxruntime", exported.onnx, ShapeSpec.resolution_bands([64, 96], max_batch=8),
-                       BuildOptions(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]),
-                       out_dir=str(tmp_path))
+    art = build_engine(
+        "onnxruntime",
+        exported.onnx,
+        ShapeSpec.resolution_bands([64, 96], max_batch=8),
+        BuildOptions(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        out_dir=str(tmp_path),
+    )
     assert art.error is None, art.error
     with load_runner(art) as runner:
         assert runner.io_binding
@@ -313,8 +381,14 @@ def test_ort_cuda_io_binding_matches_torch(exported, tmp_path):
 def test_tensorrt_engine_matches_torch(exported, tmp_path):
     pytest.importorskip("tensorrt")
     shapes = ShapeSpec.resolution_bands([48, 64, 96], max_batch=8, bands=2)
-    art = build_engine("tensorrt", exported.onnx, shapes, BuildOptions(timing_cache=str(tmp_path / "t.cache")),
-                       out_dir=str(tmp_path), name="trt")
+    art = build_engine(
+        "tensorrt",
+        exported.onnx,
+        shapes,
+        BuildOptions(timing_cache=str(tmp_path / "t.cache")),
+        out_dir=str(tmp_path),
+        name="trt",
+    )
     assert art.error is None, art.error
     assert os.path.getsize(art.meta["layers_json"]) > 0 and os.path.getsize(tmp_path / "t.cache") > 0
     ref = torch_logits(exported.model, exported.images)

@@ -7,6 +7,7 @@ instead of trusting absolute values.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,9 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from fixres_deploy import sysload
 from fixres_deploy.backends.base import Runner, ShapeError, ShapeSpec
-from fixres_deploy.bench import (
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.measure import sysload
+from fixres_deploy.measure.bench import (
     BenchReport,
     LatencyConfig,
     LatencyResult,
@@ -27,7 +29,6 @@ from fixres_deploy.bench import (
     measure_latency,
     measure_peak_gflops,
 )
-from fixres_deploy.errors import UserInputError
 
 BATCH = np.zeros((2, 3, 8, 8), dtype=np.float32)
 
@@ -59,8 +60,9 @@ class SleepRunner(Runner):
 
 
 def _cfg(**kw) -> LatencyConfig:
-    base = dict(warmup_iters=2, warmup_s=0.0, min_iters=3, budget_s=0.2, repeats=2, check_load=False,
-                remeasure_if_contended=0)
+    base = dict(
+        warmup_iters=2, warmup_s=0.0, min_iters=3, budget_s=0.2, repeats=2, check_load=False, remeasure_if_contended=0
+    )
     return LatencyConfig(**(base | kw))
 
 
@@ -70,8 +72,9 @@ def _cfg(**kw) -> LatencyConfig:
 def test_known_sleep_gives_its_latency_and_ordered_percentiles():
     r = SleepRunner(0.002)
     t0 = time.perf_counter()
-    res = measure_latency(r, BATCH, LatencyConfig(warmup_iters=5, warmup_s=0.2, min_iters=5, budget_s=0.6,
-                                                  repeats=3, check_load=False))
+    res = measure_latency(
+        r, BATCH, LatencyConfig(warmup_iters=5, warmup_s=0.2, min_iters=5, budget_s=0.6, repeats=3, check_load=False)
+    )
     wall = time.perf_counter() - t0
     # sleep(2 ms) never returns early; a loaded machine wakes it late, so be generous upwards
     assert 2.0 <= res.latency_p50_ms < 6.0
@@ -216,14 +219,18 @@ def test_cuda_event_hook_with_a_torch_cuda_runner():
 
         def last_cuda_timing_ms(self):
             e = self.events
-            return {"h2d_ms": e[0].elapsed_time(e[1]), "compute_ms": e[1].elapsed_time(e[2]),
-                    "d2h_ms": e[2].elapsed_time(e[3])}
+            return {
+                "h2d_ms": e[0].elapsed_time(e[1]),
+                "compute_ms": e[1].elapsed_time(e[2]),
+                "d2h_ms": e[2].elapsed_time(e[3]),
+            }
 
         def deactivate_impl(self):
             self.model = None
 
-    res = measure_latency(CudaRunner(), np.ones((8, 3, 224, 224), np.float32),
-                          _cfg(min_iters=10, budget_s=0.5, warmup_iters=5))
+    res = measure_latency(
+        CudaRunner(), np.ones((8, 3, 224, 224), np.float32), _cfg(min_iters=10, budget_s=0.5, warmup_iters=5)
+    )
     g = res.gpu_timing
     assert g["calls"] == res.iters
     assert g["h2d_ms"] > 0 and g["compute_ms"] > 0 and g["d2h_ms"] > 0
@@ -235,8 +242,14 @@ def test_threads_recorded_from_an_onnxruntime_session(tmp_path):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
     path = str(tmp_path / "m.onnx")
-    torch.onnx.export(torch.nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8), path, dynamo=False,
-                      input_names=["input"], output_names=["logits"])
+    torch.onnx.export(
+        torch.nn.Conv2d(3, 4, 3).eval(),
+        torch.randn(1, 3, 8, 8),
+        path,
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+    )
 
     class OrtRunner(Runner):
         name = "ort-test"
@@ -289,10 +302,8 @@ def _start_detached_spinners(n: int, secs: float = 30.0) -> list[int]:
 
 def _kill(pids):
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 linux_only = pytest.mark.skipif(not sysload.supported(), reason="needs Linux /proc")
@@ -329,9 +340,19 @@ def test_contended_flag_set_by_other_processes_load():
     try:
         time.sleep(0.3)
         s0, t0 = sum(_cpu_s(p) for p in pids), time.monotonic()
-        res = measure_latency(SleepRunner(0.002), BATCH, LatencyConfig(
-            warmup_iters=2, warmup_s=0.1, budget_s=1.0, repeats=2, contention_threshold=0.5,
-            remeasure_if_contended=1, remeasure_wait_s=0.1))
+        res = measure_latency(
+            SleepRunner(0.002),
+            BATCH,
+            LatencyConfig(
+                warmup_iters=2,
+                warmup_s=0.1,
+                budget_s=1.0,
+                repeats=2,
+                contention_threshold=0.5,
+                remeasure_if_contended=1,
+                remeasure_wait_s=0.1,
+            ),
+        )
         spin_cores = (sum(_cpu_s(p) for p in pids) - s0) / (time.monotonic() - t0)
     finally:
         _kill(pids)
@@ -350,9 +371,19 @@ def test_not_contended_on_a_quiet_machine():
     baseline = _other_load(1.0)["other_cores_busy"]
     if baseline > 0.15:
         pytest.skip(f"other users keep {baseline:.2f} cores busy: the quiet case cannot be checked now")
-    res = measure_latency(SleepRunner(0.002), BATCH, LatencyConfig(
-        warmup_iters=2, warmup_s=0.1, budget_s=0.6, repeats=2, contention_threshold=0.5,
-        remeasure_if_contended=3, remeasure_wait_s=0.5))
+    res = measure_latency(
+        SleepRunner(0.002),
+        BATCH,
+        LatencyConfig(
+            warmup_iters=2,
+            warmup_s=0.1,
+            budget_s=0.6,
+            repeats=2,
+            contention_threshold=0.5,
+            remeasure_if_contended=3,
+            remeasure_wait_s=0.5,
+        ),
+    )
     assert not res.contended
     assert res.load["other_cores_busy"] < 0.5
 
@@ -383,6 +414,7 @@ def test_peak_gflops_positive_plausible_and_cached():
 
 # --------------------------------------------------------------------------- CLI
 
+
 class _Tiny:
     @staticmethod
     def export(path, *, dynamic: bool, res: int = 16):
@@ -398,9 +430,15 @@ class _Tiny:
                 return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
 
         torch.manual_seed(0)
-        torch.onnx.export(M().eval(), torch.randn(1, 3, res, res), str(path), dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}} if dynamic else None)
+        torch.onnx.export(
+            M().eval(),
+            torch.randn(1, 3, res, res),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}} if dynamic else None,
+        )
         return str(path)
 
 
@@ -409,12 +447,15 @@ def onnx_files(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     d = tmp_path_factory.mktemp("bench_cli")
-    return {"dynamic": _Tiny.export(d / "dyn.onnx", dynamic=True), "fixed": _Tiny.export(d / "fixed.onnx", dynamic=False),
-            "dir": d}
+    return {
+        "dynamic": _Tiny.export(d / "dyn.onnx", dynamic=True),
+        "fixed": _Tiny.export(d / "fixed.onnx", dynamic=False),
+        "dir": d,
+    }
 
 
 def _cli(argv, capsys):
-    from fixres_deploy.cli import main
+    from fixres_deploy.cli.app import main
 
     rc = main(argv)
     cap = capsys.readouterr()
@@ -422,11 +463,28 @@ def _cli(argv, capsys):
 
 
 def test_cli_bench_json_on_a_dynamic_onnx(onnx_files, capsys, tmp_path):
-    from fixres_deploy.flops import count_flops
+    from fixres_deploy.models.flops import count_flops
 
     out = tmp_path / "report.json"
-    rc, stdout, _ = _cli(["bench", "--onnx", onnx_files["dynamic"], "--resolutions", "16,24", "--batch-sizes", "1,2",
-                          "--preset", "quick", "--repeats", "2", "--json", "--out", str(out)], capsys)
+    rc, stdout, _ = _cli(
+        [
+            "bench",
+            "--onnx",
+            onnx_files["dynamic"],
+            "--resolutions",
+            "16,24",
+            "--batch-sizes",
+            "1,2",
+            "--preset",
+            "quick",
+            "--repeats",
+            "2",
+            "--json",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert rc == 0
     d = json.loads(stdout)
     assert json.loads(out.read_text()) == d
@@ -446,13 +504,15 @@ def test_cli_bench_json_on_a_dynamic_onnx(onnx_files, capsys, tmp_path):
 
 
 def test_cli_bench_fixed_onnx_own_shape_and_refusal(onnx_files, capsys):
-    rc, stdout, _ = _cli(["bench", "--onnx", onnx_files["fixed"], "--preset", "quick", "--no-peak",
-                          "--threads", "1"], capsys)
+    rc, stdout, _ = _cli(
+        ["bench", "--onnx", onnx_files["fixed"], "--preset", "quick", "--no-peak", "--threads", "1"], capsys
+    )
     assert rc == 0
     lines = [ln for ln in stdout.splitlines() if ln.startswith("onnxruntime/fp32")]
     assert len(lines) == 1 and lines[0].split()[1:3] == ["16", "1"]  # its own resolution and batch
-    rc, _, err = _cli(["bench", "--onnx", onnx_files["fixed"], "--resolutions", "24", "--preset", "quick",
-                       "--no-peak"], capsys)
+    rc, _, err = _cli(
+        ["bench", "--onnx", onnx_files["fixed"], "--resolutions", "24", "--preset", "quick", "--no-peak"], capsys
+    )
     assert rc == 2
     assert "fixed-shape" in err and "[1, 3, 24, 24]" in err and "[1, 3, 16, 16]" in err
     rc, _, err = _cli(["bench", "--onnx", str(onnx_files["dir"] / "missing.onnx"), "--no-peak"], capsys)
@@ -461,10 +521,20 @@ def test_cli_bench_fixed_onnx_own_shape_and_refusal(onnx_files, capsys):
 
 def test_cli_bench_engine_index(onnx_files, capsys, tmp_path):
     from fixres_deploy.backends.base import BuildOptions, build_engine
-    from fixres_deploy.utils import write_json
+    from fixres_deploy.core.utils import write_json
 
-    arts = [build_engine("onnxruntime", onnx_files["dynamic"], ShapeSpec.fixed(1, r), BuildOptions(save_optimized=False),
-                         out_dir=str(tmp_path / "engines"), precision="fp32", name=f"e{r}") for r in (16, 24)]
+    arts = [
+        build_engine(
+            "onnxruntime",
+            onnx_files["dynamic"],
+            ShapeSpec.fixed(1, r),
+            BuildOptions(save_optimized=False),
+            out_dir=str(tmp_path / "engines"),
+            precision="fp32",
+            name=f"e{r}",
+        )
+        for r in (16, 24)
+    ]
     failed = dict(arts[0].to_dict(), error="simulated failed build", path=None)
     entries = [a.to_dict() | {"unknown_future_key": 1} for a in arts] + [failed]
     index = tmp_path / "index.json"
@@ -475,8 +545,10 @@ def test_cli_bench_engine_index(onnx_files, capsys, tmp_path):
     ok = [(r["resolution"], r["batch_size"]) for r in rows if r["error"] is None]
     assert ok == [(16, 1), (24, 1)]
     assert any(r["error"] == "simulated failed build" for r in rows)
-    rc, stdout, _ = _cli(["bench", "--engine-index", str(index), "--resolutions", "24", "--preset", "quick",
-                          "--no-peak", "--json"], capsys)
+    rc, stdout, _ = _cli(
+        ["bench", "--engine-index", str(index), "--resolutions", "24", "--preset", "quick", "--no-peak", "--json"],
+        capsys,
+    )
     assert rc == 0
     assert [r["resolution"] for r in json.loads(stdout)["rows"] if r["error"] is None] == [24]
     rc, _, err = _cli(["bench", "--engine-index", str(index), "--resolutions", "40", "--no-peak"], capsys)

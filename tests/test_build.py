@@ -14,13 +14,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import spread_model, torch_logits
 
 from fixres_deploy.backends import BuildOptions, load_runner
-from fixres_deploy.build import BuildIndex, build_engines
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.utils import sha256_file
-
-from helpers import spread_model, torch_logits
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.utils import sha256_file
+from fixres_deploy.engines.build import BuildIndex, build_engines
 
 RES = 64
 
@@ -33,17 +32,22 @@ def _tensorrt_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def model_onnx(demo_small, tmp_path_factory):
-    from fixres_deploy.calibration import calibration_batches
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.preprocess import PreprocessConfig
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.precision.calibration import calibration_batches
 
     root = tmp_path_factory.mktemp("build")
     cfg = PreprocessConfig(RES)
     images = calibration_batches(os.path.join(demo_small, "val"), cfg, limit=40)
     model = spread_model(images[:32])
     res = export_onnx(model, root / "model.onnx", cfg, dynamic=True, exporter="torchscript", tolerance=None)
-    return SimpleNamespace(model=model, onnx=res.path, images=np.ascontiguousarray(images[32:40]),
-                           calib=os.path.join(demo_small, "train"), root=root)
+    return SimpleNamespace(
+        model=model,
+        onnx=res.path,
+        images=np.ascontiguousarray(images[32:40]),
+        calib=os.path.join(demo_small, "train"),
+        root=root,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +63,15 @@ def _check_entry_files(entry: dict, out_dir: str) -> str:
 
 
 def test_fp32_fixed_and_dynamic_index(model_onnx, tmp_path):
-    fixed = build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["fp32"], resolutions=[96, 64],
-                          batch_sizes=[1, 4], options=BuildOptions(threads=1), out_dir=str(tmp_path / "fixed"))
+    fixed = build_engines(
+        model_onnx.onnx,
+        backends=["onnxruntime"],
+        precisions=["fp32"],
+        resolutions=[96, 64],
+        batch_sizes=[1, 4],
+        options=BuildOptions(threads=1),
+        out_dir=str(tmp_path / "fixed"),
+    )
     assert [(a["resolution"], a["batch"]) for a in fixed.artifacts] == [(64, 1), (64, 4), (96, 1), (96, 4)]
     assert all(a["shape_mode"] == "fixed" and a["profiles"] is None and a["quant"] is None for a in fixed.artifacts)
     for a in fixed.artifacts:
@@ -78,9 +89,17 @@ def test_fp32_fixed_and_dynamic_index(model_onnx, tmp_path):
     ref = torch_logits(model_onnx.model, model_onnx.images[:4])
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
 
-    dyn = build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["fp32"], resolutions=[48, 64, 96, 128],
-                        dynamic=True, bands=2, max_batch=4, options=BuildOptions(threads=1),
-                        out_dir=str(tmp_path / "dyn"))
+    dyn = build_engines(
+        model_onnx.onnx,
+        backends=["onnxruntime"],
+        precisions=["fp32"],
+        resolutions=[48, 64, 96, 128],
+        dynamic=True,
+        bands=2,
+        max_batch=4,
+        options=BuildOptions(threads=1),
+        out_dir=str(tmp_path / "dyn"),
+    )
     (entry,) = dyn.artifacts
     _check_entry_files(entry, dyn.out_dir)
     assert entry["shape_mode"] == "dynamic" and entry["resolution"] is None
@@ -101,12 +120,20 @@ def test_fp32_fixed_and_dynamic_index(model_onnx, tmp_path):
 
 
 def test_fp16_int8_variants_and_failing_backend(model_onnx, tmp_path):
-    from fixres_deploy.precision import INT8_FLAVORS, default_int8_flavor
+    from fixres_deploy.precision.variants import INT8_FLAVORS, default_int8_flavor
 
     out = tmp_path / "b"
-    index = build_engines(model_onnx.onnx, backends=["onnxruntime", "tensorrt"], precisions=["fp16", "int8"],
-                          resolutions=[RES], batch_sizes=[8], calibration_data=model_onnx.calib, calibration_limit=24,
-                          options=BuildOptions(threads=1), out_dir=str(out))
+    index = build_engines(
+        model_onnx.onnx,
+        backends=["onnxruntime", "tensorrt"],
+        precisions=["fp16", "int8"],
+        resolutions=[RES],
+        batch_sizes=[8],
+        calibration_data=model_onnx.calib,
+        calibration_limit=24,
+        options=BuildOptions(threads=1),
+        out_dir=str(out),
+    )
     by_name = {a["name"]: a for a in index.artifacts}
     assert set(by_name) == {f"{b}_{p}_r64_b8" for b in ("onnxruntime", "tensorrt") for p in ("fp16", "int8")}
     ort16, ort8 = by_name["onnxruntime_fp16_r64_b8"], by_name["onnxruntime_int8_r64_b8"]
@@ -126,7 +153,10 @@ def test_fp16_int8_variants_and_failing_backend(model_onnx, tmp_path):
         vpath = os.path.join(index.out_dir, v["variant_path"])
         assert v["variant_sha256"] == sha256_file(vpath)
     q = ort8["quant"]
-    assert q["variant_path"] == variants["int8"]["variant_path"] and q["variant_sha256"] == variants["int8"]["variant_sha256"]
+    assert (
+        q["variant_path"] == variants["int8"]["variant_path"]
+        and q["variant_sha256"] == variants["int8"]["variant_sha256"]
+    )
     assert q["flavor"] == INT8_FLAVORS[default_int8_flavor("onnxruntime")]
     assert q["calibration_resolution"] == RES and q["calibration_images"] == 24
     assert ort16["quant"]["variant_path"] == variants["fp16"]["variant_path"]
@@ -148,9 +178,18 @@ def test_fp16_int8_variants_and_failing_backend(model_onnx, tmp_path):
 
 
 def test_dynamic_int8_calibrates_at_the_opt_resolution(model_onnx, tmp_path):
-    index = build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["int8"], resolutions=[48, 64, 96],
-                          dynamic=True, max_batch=2, calibration_data=model_onnx.calib, calibration_limit=8,
-                          options=BuildOptions(threads=1, save_optimized=False), out_dir=str(tmp_path))
+    index = build_engines(
+        model_onnx.onnx,
+        backends=["onnxruntime"],
+        precisions=["int8"],
+        resolutions=[48, 64, 96],
+        dynamic=True,
+        max_batch=2,
+        calibration_data=model_onnx.calib,
+        calibration_limit=8,
+        options=BuildOptions(threads=1, save_optimized=False),
+        out_dir=str(tmp_path),
+    )
     (entry,) = index.artifacts
     assert entry["error"] is None
     q = entry["quant"]
@@ -166,9 +205,15 @@ def test_failed_variant_is_recorded_and_others_go_on(model_onnx, tmp_path):
     empty = tmp_path / "no_images" / "cls"
     empty.mkdir(parents=True)
     (empty / "notes.txt").write_text("not an image")
-    index = build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["fp32", "int8"], resolutions=[RES],
-                          calibration_data=str(tmp_path / "no_images"), options=BuildOptions(threads=1),
-                          out_dir=str(tmp_path / "out"))
+    index = build_engines(
+        model_onnx.onnx,
+        backends=["onnxruntime"],
+        precisions=["fp32", "int8"],
+        resolutions=[RES],
+        calibration_data=str(tmp_path / "no_images"),
+        options=BuildOptions(threads=1),
+        out_dir=str(tmp_path / "out"),
+    )
     fp32, int8 = index.artifacts
     assert fp32["error"] is None and os.path.isfile(os.path.join(index.out_dir, fp32["path"]))
     assert int8["error"] and int8["path"] is None and int8["error_type"] in int8["error"]
@@ -189,18 +234,23 @@ def test_request_errors(model_onnx, tmp_path):
     with pytest.raises(UserInputError, match="calibration-data"):
         build_engines(model_onnx.onnx, backends=["onnxruntime"], precisions=["int8"], **common)
     # A fixed-shape export asked for other shapes: refused before anything is built.
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.preprocess import PreprocessConfig
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.export.onnx_export import export_onnx
 
-    fixed = export_onnx(model_onnx.model, tmp_path / "fixed.onnx", PreprocessConfig(RES), exporter="torchscript",
-                        tolerance=None).path
+    fixed = export_onnx(
+        model_onnx.model, tmp_path / "fixed.onnx", PreprocessConfig(RES), exporter="torchscript", tolerance=None
+    ).path
     with pytest.raises(UserInputError, match="--dynamic"):
-        build_engines(fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES, 96], out_dir=str(tmp_path))
+        build_engines(
+            fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES, 96], out_dir=str(tmp_path)
+        )
     with pytest.raises(UserInputError, match="--dynamic"):
-        build_engines(fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES], dynamic=True,
-                      out_dir=str(tmp_path))
-    ok = build_engines(fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES],
-                       out_dir=str(tmp_path / "ok"))
+        build_engines(
+            fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES], dynamic=True, out_dir=str(tmp_path)
+        )
+    ok = build_engines(
+        fixed, backends=["onnxruntime"], precisions=["fp32"], resolutions=[RES], out_dir=str(tmp_path / "ok")
+    )
     assert ok.artifacts[0]["error"] is None and ok.artifacts[0]["meta"]["fixed_shape_copy"] is False
     # An ONNX without the preprocessing metadata cannot be calibrated like deployment images.
     import onnx
@@ -215,25 +265,60 @@ def test_request_errors(model_onnx, tmp_path):
 
 
 def test_cli_contract(model_onnx, tmp_path, capsys):
-    from fixres_deploy.cli import main
+    from fixres_deploy.cli.app import main
 
     out = tmp_path / "cli"
-    rc = main(["build", "--onnx", model_onnx.onnx, "--backend", "onnxruntime,tensorrt", "--precision", "fp32",
-               "--resolutions", "48,64", "--threads", "1", "--out", str(out), "--json"])
+    rc = main(
+        [
+            "build",
+            "--onnx",
+            model_onnx.onnx,
+            "--backend",
+            "onnxruntime,tensorrt",
+            "--precision",
+            "fp32",
+            "--resolutions",
+            "48,64",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
     assert rc == 0
-    assert [a["name"] for a in doc["artifacts"]] == ["onnxruntime_fp32_r48_b1", "onnxruntime_fp32_r64_b1",
-                                                     "tensorrt_fp32_r48_b1", "tensorrt_fp32_r64_b1"]
+    assert [a["name"] for a in doc["artifacts"]] == [
+        "onnxruntime_fp32_r48_b1",
+        "onnxruntime_fp32_r64_b1",
+        "tensorrt_fp32_r48_b1",
+        "tensorrt_fp32_r64_b1",
+    ]
     assert doc["artifacts"][0]["meta"]["threads"] == 1
     assert json.loads((out / "index.json").read_text())["artifacts"] == doc["artifacts"]
     if not _tensorrt_installed():
-        rc = main(["build", "--onnx", model_onnx.onnx, "--backend", "tensorrt", "--precision", "fp32,fp16",
-                   "--resolutions", "64", "--dynamic", "--out", str(tmp_path / "trt")])
+        rc = main(
+            [
+                "build",
+                "--onnx",
+                model_onnx.onnx,
+                "--backend",
+                "tensorrt",
+                "--precision",
+                "fp32,fp16",
+                "--resolutions",
+                "64",
+                "--dynamic",
+                "--out",
+                str(tmp_path / "trt"),
+            ]
+        )
         captured = capsys.readouterr()
         assert rc == 1
         assert "tensorrt_fp32_dynamic" in captured.err and "fixres-deploy[gpu]" in captured.err
         assert "0/2 engines built" in captured.out
-    rc = main(["build", "--onnx", model_onnx.onnx, "--precision", "int8", "--resolutions", "64",
-               "--out", str(tmp_path / "x")])
+    rc = main(
+        ["build", "--onnx", model_onnx.onnx, "--precision", "int8", "--resolutions", "64", "--out", str(tmp_path / "x")]
+    )
     assert rc == 2 and "--calibration-data" in capsys.readouterr().err

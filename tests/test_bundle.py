@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from fixres_deploy import bundle as bundle_mod
 from fixres_deploy.backends.base import EngineArtifact, ShapeProfile, ShapeSpec
-from fixres_deploy.bundle import (
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.preprocess import PreprocessConfig
+from fixres_deploy.core.utils import sha256_file, write_json
+from fixres_deploy.models.registry import build_model
+from fixres_deploy.ship import bundle as bundle_mod
+from fixres_deploy.ship.bundle import (
     BundleError,
     BundleManifest,
     extract_bundle,
@@ -25,11 +30,6 @@ from fixres_deploy.bundle import (
     make_bundle,
     verify_bundle,
 )
-from fixres_deploy.cli import main
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.models import build_model
-from fixres_deploy.preprocess import PreprocessConfig
-from fixres_deploy.utils import sha256_file, write_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -45,8 +45,16 @@ def export_onnx(path, *, res=RES, batch=None, num_classes=10, seed=0, metadata=N
     model.eval()
     x = torch.randn(batch or 2, 3, res, res)
     dyn = None if batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(model, x, str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-                      dynamic_axes=dyn, opset_version=17)
+    torch.onnx.export(
+        model,
+        x,
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes=dyn,
+        opset_version=17,
+    )
     if metadata:
         import onnx
 
@@ -59,11 +67,21 @@ def export_onnx(path, *, res=RES, batch=None, num_classes=10, seed=0, metadata=N
 
 
 def ort_artifact(onnx_path, *, batch=None, max_batch=8):
-    shapes = (ShapeSpec.fixed(batch, RES) if batch else
-              ShapeSpec.dynamic([ShapeProfile((1, 3, RES, RES), (4, 3, RES, RES), (max_batch, 3, RES, RES))]))
-    return EngineArtifact(backend="onnxruntime", precision="fp32", path=onnx_path, source_onnx=onnx_path,
-                          shapes=shapes, sha256=sha256_file(onnx_path), size_bytes=os.path.getsize(onnx_path),
-                          meta={"onnxruntime_version": "1.32.0"})
+    shapes = (
+        ShapeSpec.fixed(batch, RES)
+        if batch
+        else ShapeSpec.dynamic([ShapeProfile((1, 3, RES, RES), (4, 3, RES, RES), (max_batch, 3, RES, RES))])
+    )
+    return EngineArtifact(
+        backend="onnxruntime",
+        precision="fp32",
+        path=onnx_path,
+        source_onnx=onnx_path,
+        shapes=shapes,
+        sha256=sha256_file(onnx_path),
+        size_bytes=os.path.getsize(onnx_path),
+        meta={"onnxruntime_version": "1.32.0"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +91,25 @@ def onnx_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return PreprocessConfig(test_input_size=RES, train_input_size=48, crop_pct=0.8, interpolation="bicubic",
-                            resize_mode="height")
+    return PreprocessConfig(
+        test_input_size=RES, train_input_size=48, crop_pct=0.8, interpolation="bicubic", resize_mode="height"
+    )
 
 
 @pytest.fixture
 def good_bundle(tmp_path, onnx_file, cfg):
     out = tmp_path / "bundle"
-    manifest = make_bundle(out, engines=[ort_artifact(onnx_file)], onnx_sources=[], preprocess=cfg,
-                           class_names=CLASSES, model={"spec": "fixres:tiny_resnet", "finetuned_resolution": RES},
-                           metrics={"top1": 0.9, "latency_p50_ms": 1.5}, selection={"rule": "fastest within 1pt"},
-                           tar=True)
+    manifest = make_bundle(
+        out,
+        engines=[ort_artifact(onnx_file)],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={"spec": "fixres:tiny_resnet", "finetuned_resolution": RES},
+        metrics={"top1": 0.9, "latency_p50_ms": 1.5},
+        selection={"rule": "fastest within 1pt"},
+        tar=True,
+    )
     return str(out), manifest
 
 
@@ -104,8 +130,9 @@ def test_manifest_content_and_round_trip(good_bundle, onnx_file, cfg):
     assert eng["file"] == eng["source_onnx"] == "onnx/tiny_r64_fp32.onnx"
     assert eng["opset"][""] == 17
     # every file hashed, with the right size
-    on_disk = sorted(os.path.relpath(os.path.join(dp, f), out).replace(os.sep, "/")
-                     for dp, _, fs in os.walk(out) for f in fs)
+    on_disk = sorted(
+        os.path.relpath(os.path.join(dp, f), out).replace(os.sep, "/") for dp, _, fs in os.walk(out) for f in fs
+    )
     assert sorted([*d["files"], "manifest.json"]) == sorted(on_disk)
     for rel, info in d["files"].items():
         assert info["sha256"] == sha256_file(os.path.join(out, rel))
@@ -140,7 +167,7 @@ def _copy(out, tmp_path, name):
 
 
 def test_tampered_bundles_refused(good_bundle, tmp_path, capsys):
-    from fixres_deploy.runtime import Classifier
+    from fixres_deploy.ship.runtime import Classifier
 
     out, _ = good_bundle
     # 1. one flipped byte in the engine
@@ -216,8 +243,15 @@ def test_incompatible_opset_refused(tmp_path, cfg):
         if o.domain in ("", "ai.onnx"):
             o.version = 99  # no onnxruntime knows this opset
     onnx.save(m, src)
-    make_bundle(tmp_path / "b", engines=[ort_artifact(src)], onnx_sources=[], preprocess=cfg,
-                class_names=CLASSES, model={}, metrics={})
+    make_bundle(
+        tmp_path / "b",
+        engines=[ort_artifact(src)],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={},
+        metrics={},
+    )
     rep = verify_bundle(tmp_path / "b")
     assert not rep.ok
     assert any("onnxruntime" in p and "cannot load" in p and "99" in p for p in rep.problems), rep.problems
@@ -227,22 +261,39 @@ def _trt_bundle(tmp_path, onnx_file, cfg, meta=TRT_META):
     tmp_path.mkdir(parents=True, exist_ok=True)
     plan = tmp_path / "tiny_r64_fp16.plan"
     plan.write_bytes(np.random.default_rng(0).bytes(4096))  # a plan's bytes: only its bookkeeping is checked here
-    art = EngineArtifact(backend="tensorrt", precision="fp16", path=str(plan), source_onnx=onnx_file,
-                         shapes=ShapeSpec.fixed(4, RES), meta=dict(meta))
+    art = EngineArtifact(
+        backend="tensorrt",
+        precision="fp16",
+        path=str(plan),
+        source_onnx=onnx_file,
+        shapes=ShapeSpec.fixed(4, RES),
+        meta=dict(meta),
+    )
     out = tmp_path / "trt_bundle"
-    make_bundle(out, engines=[art], onnx_sources=[], preprocess=cfg, class_names=CLASSES,
-                model={"spec": "fixres:tiny_resnet"}, metrics={})
+    make_bundle(
+        out,
+        engines=[art],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={"spec": "fixres:tiny_resnet"},
+        metrics={},
+    )
     return str(out)
 
 
 def test_tensorrt_bundle_refused_here_with_reason(tmp_path, onnx_file, cfg, monkeypatch, capsys):
-    from fixres_deploy.runtime import Classifier
+    from fixres_deploy.ship.runtime import Classifier
 
     monkeypatch.setattr(bundle_mod, "current_gpu", lambda: None)  # this machine: no GPU (stated, not probed)
     out = _trt_bundle(tmp_path, onnx_file, cfg)
     m = load_manifest(out)
-    assert m.hardware == {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-                          "tensorrt_version": "10.16.0", "hardware_compatibility": "none"}
+    assert m.hardware == {
+        "gpu_name": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+        "tensorrt_version": "10.16.0",
+        "hardware_compatibility": "none",
+    }
     assert m.libraries["tensorrt"] == "10.16.0"
     assert m.engines[0].file == "engine/tiny_r64_fp16.plan" and m.engines[0].source_onnx == "onnx/tiny_r64_fp32.onnx"
     rep = verify_bundle(out)
@@ -291,26 +342,69 @@ def test_tensorrt_version_and_gpu_comparison(tmp_path, onnx_file, cfg, monkeypat
 def test_make_bundle_refuses_bad_input(tmp_path, onnx_file, cfg):
     plan = tmp_path / "x.plan"
     plan.write_bytes(b"plan")
-    art = EngineArtifact(backend="tensorrt", precision="fp16", path=str(plan), source_onnx=onnx_file,
-                         shapes=ShapeSpec.fixed(1, RES), meta={})
+    art = EngineArtifact(
+        backend="tensorrt",
+        precision="fp16",
+        path=str(plan),
+        source_onnx=onnx_file,
+        shapes=ShapeSpec.fixed(1, RES),
+        meta={},
+    )
     with pytest.raises(UserInputError, match="GPU"):
-        make_bundle(tmp_path / "a", engines=[art], onnx_sources=[], preprocess=cfg, class_names=CLASSES,
-                    model={}, metrics={})
+        make_bundle(
+            tmp_path / "a", engines=[art], onnx_sources=[], preprocess=cfg, class_names=CLASSES, model={}, metrics={}
+        )
     with pytest.raises(UserInputError, match="outputs 10 classes but 3"):
-        make_bundle(tmp_path / "b", engines=[ort_artifact(onnx_file)], onnx_sources=[], preprocess=cfg,
-                    class_names=["a", "b", "c"], model={}, metrics={})
+        make_bundle(
+            tmp_path / "b",
+            engines=[ort_artifact(onnx_file)],
+            onnx_sources=[],
+            preprocess=cfg,
+            class_names=["a", "b", "c"],
+            model={},
+            metrics={},
+        )
     with pytest.raises(UserInputError, match="does not accept 96x96"):
-        make_bundle(tmp_path / "c", engines=[ort_artifact(onnx_file)], onnx_sources=[],
-                    preprocess=cfg.at_resolution(96), class_names=CLASSES, model={}, metrics={})
+        make_bundle(
+            tmp_path / "c",
+            engines=[ort_artifact(onnx_file)],
+            onnx_sources=[],
+            preprocess=cfg.at_resolution(96),
+            class_names=CLASSES,
+            model={},
+            metrics={},
+        )
     # nothing half-written was left behind
     assert sorted(os.listdir(tmp_path)) == ["x.plan"]
-    make_bundle(tmp_path / "d", engines=[ort_artifact(onnx_file)], onnx_sources=[], preprocess=cfg,
-                class_names=CLASSES, model={}, metrics={})
+    make_bundle(
+        tmp_path / "d",
+        engines=[ort_artifact(onnx_file)],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={},
+        metrics={},
+    )
     with pytest.raises(UserInputError, match="already exists"):
-        make_bundle(tmp_path / "d", engines=[ort_artifact(onnx_file)], onnx_sources=[], preprocess=cfg,
-                    class_names=CLASSES, model={}, metrics={})
-    m = make_bundle(tmp_path / "d", engines=[ort_artifact(onnx_file)], onnx_sources=[], preprocess=cfg,
-                    class_names=CLASSES, model={"v": 2}, metrics={}, overwrite=True)
+        make_bundle(
+            tmp_path / "d",
+            engines=[ort_artifact(onnx_file)],
+            onnx_sources=[],
+            preprocess=cfg,
+            class_names=CLASSES,
+            model={},
+            metrics={},
+        )
+    m = make_bundle(
+        tmp_path / "d",
+        engines=[ort_artifact(onnx_file)],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={"v": 2},
+        metrics={},
+        overwrite=True,
+    )
     assert load_manifest(tmp_path / "d").model == {"v": 2} == m.model
     assert verify_bundle(tmp_path / "d").ok
 
@@ -348,9 +442,16 @@ def _evil_tar(path, kind):
             tf.addfile(info)
 
 
-@pytest.mark.parametrize("kind,reason", [("dotdot", "'..'"), ("absolute", "absolute path"),
-                                         ("symlink", "links are not allowed"), ("hardlink", "links are not allowed"),
-                                         ("device", "not a regular file")])
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("dotdot", "'..'"),
+        ("absolute", "absolute path"),
+        ("symlink", "links are not allowed"),
+        ("hardlink", "links are not allowed"),
+        ("device", "not a regular file"),
+    ],
+)
 def test_unsafe_archive_refused(tmp_path, kind, reason):
     work = tmp_path / "work"
     work.mkdir()
@@ -378,29 +479,72 @@ def test_extract_good_archive(good_bundle, tmp_path):
 
 
 def test_cli_bundle_from_index(tmp_path, cfg, capsys):
-    from fixres_deploy.models import save_checkpoint
+    from fixres_deploy.models.registry import save_checkpoint
 
     build = tmp_path / "build"
     (build / "onnx").mkdir(parents=True)
-    meta = {"fixres_deploy.preprocess": cfg.to_json(), "fixres_deploy.class_names": json.dumps(CLASSES),
-            "fixres_deploy.model": "fixres:tiny_resnet"}
+    meta = {
+        "fixres_deploy.core.preprocess": cfg.to_json(),
+        "fixres_deploy.class_names": json.dumps(CLASSES),
+        "fixres_deploy.model": "fixres:tiny_resnet",
+    }
     onnx_path = export_onnx(build / "onnx" / "model_r64_fp32.onnx", metadata=meta)
     art = ort_artifact(onnx_path)
-    entry = art.to_dict() | {"key": "ort-fp32-r64", "path": "onnx/model_r64_fp32.onnx",
-                             "source_onnx": "onnx/model_r64_fp32.onnx", "extra_key": 1}
-    write_json(build / "index.json", {"artifacts": [{"backend": "onnxruntime", "precision": "fp32", "path": None,
-                                                     "source_onnx": None, "shapes": None, "error": "failed"},
-                                                    entry]})
+    entry = art.to_dict() | {
+        "key": "ort-fp32-r64",
+        "path": "onnx/model_r64_fp32.onnx",
+        "source_onnx": "onnx/model_r64_fp32.onnx",
+        "extra_key": 1,
+    }
+    write_json(
+        build / "index.json",
+        {
+            "artifacts": [
+                {
+                    "backend": "onnxruntime",
+                    "precision": "fp32",
+                    "path": None,
+                    "source_onnx": None,
+                    "shapes": None,
+                    "error": "failed",
+                },
+                entry,
+            ]
+        },
+    )
     torch.manual_seed(0)
     model, _, _ = build_model("fixres:tiny_resnet", 10)
-    ck = save_checkpoint(tmp_path / "model_r64.pt", model, spec="fixres:tiny_resnet", num_classes=10,
-                         class_names=CLASSES, preprocess=cfg.to_dict(), extra={"fixres": {"resolution": 64}})
+    ck = save_checkpoint(
+        tmp_path / "model_r64.pt",
+        model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=CLASSES,
+        preprocess=cfg.to_dict(),
+        extra={"fixres": {"resolution": 64}},
+    )
     write_json(tmp_path / "point.json", {"top1": 0.93, "latency_p50_ms": 2.0})
     out = tmp_path / "ship" / "b1"
     repo = tmp_path / "triton"
-    rc = main(["bundle", "--index", str(build / "index.json"), "--artifact", "ort-fp32-r64", "--out", str(out),
-               "--checkpoint", ck, "--metrics", str(tmp_path / "point.json"), "--tar", "--triton", str(repo),
-               "--json"])
+    rc = main(
+        [
+            "bundle",
+            "--index",
+            str(build / "index.json"),
+            "--artifact",
+            "ort-fp32-r64",
+            "--out",
+            str(out),
+            "--checkpoint",
+            ck,
+            "--metrics",
+            str(tmp_path / "point.json"),
+            "--tar",
+            "--triton",
+            str(repo),
+            "--json",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["bundle"] == str(out) and os.path.isfile(res["tar"])
@@ -415,21 +559,35 @@ def test_cli_bundle_from_index(tmp_path, cfg, capsys):
     capsys.readouterr()
     assert main(["bundle", "--index", str(build / "index.json"), "--artifact", "0", "--out", str(tmp_path / "b3")]) == 2
     assert "failed build" in capsys.readouterr().err
-    assert main(["bundle", "--index", str(build / "index.json"), "--artifact", "nope", "--out", str(tmp_path / "b4")]) == 2
+    assert (
+        main(["bundle", "--index", str(build / "index.json"), "--artifact", "nope", "--out", str(tmp_path / "b4")]) == 2
+    )
     assert "ort-fp32-r64" in capsys.readouterr().err
 
 
 def test_two_engines_primary_and_fallback(tmp_path, onnx_file, cfg, monkeypatch):
-    from fixres_deploy.runtime import Classifier
+    from fixres_deploy.ship.runtime import Classifier
 
     monkeypatch.setattr(bundle_mod, "current_gpu", lambda: None)
     plan = tmp_path / "e.plan"
     plan.write_bytes(b"\x01" * 512)
-    trt = EngineArtifact(backend="tensorrt", precision="fp16", path=str(plan), source_onnx=onnx_file,
-                         shapes=ShapeSpec.fixed(1, RES), meta={"tensorrt_version": "11.4.0",
-                                                               "gpu": {"name": "NVIDIA L4", "compute_capability": "8.9"}})
-    m = make_bundle(tmp_path / "b", engines=[trt, ort_artifact(onnx_file)], onnx_sources=[onnx_file], preprocess=cfg,
-                    class_names=CLASSES, model={}, metrics={})
+    trt = EngineArtifact(
+        backend="tensorrt",
+        precision="fp16",
+        path=str(plan),
+        source_onnx=onnx_file,
+        shapes=ShapeSpec.fixed(1, RES),
+        meta={"tensorrt_version": "11.4.0", "gpu": {"name": "NVIDIA L4", "compute_capability": "8.9"}},
+    )
+    m = make_bundle(
+        tmp_path / "b",
+        engines=[trt, ort_artifact(onnx_file)],
+        onnx_sources=[onnx_file],
+        preprocess=cfg,
+        class_names=CLASSES,
+        model={},
+        metrics={},
+    )
     assert [e.backend for e in m.engines] == ["tensorrt", "onnxruntime"] and m.backend == "tensorrt"
     assert m.onnx_sources == ["onnx/tiny_r64_fp32.onnx"]  # one copy, however many references
     assert m.hardware["gpu_name"] == "NVIDIA L4" and m.hardware["compute_capability"] == "8.9"

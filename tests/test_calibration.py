@@ -10,7 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fixres_deploy.calibration import (
+from fixres_deploy.core.errors import DataError, UserInputError
+from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform
+from fixres_deploy.core.utils import sha256_file
+from fixres_deploy.precision.calibration import (
     MANIFEST_FORMAT,
     CalibrationManifest,
     calibration_batches,
@@ -18,9 +21,6 @@ from fixres_deploy.calibration import (
     make_calibration_manifest,
     set_hash_of,
 )
-from fixres_deploy.errors import DataError, UserInputError
-from fixres_deploy.preprocess import PreprocessConfig, eval_transform
-from fixres_deploy.utils import sha256_file
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_manifest_is_class_balanced_hashed_and_reproducible(demo_small, tmp_path
 
 
 def test_batches_equal_eval_transform_at_target_resolution(demo_small, tmp_path):
-    from fixres_deploy.data import load_rgb
+    from fixres_deploy.data.folders import load_rgb
 
     m = make_calibration_manifest(os.path.join(demo_small, "train"), tmp_path / "c.json", size=12)
     cfg = PreprocessConfig(48, crop_pct=0.8, interpolation="bicubic")
@@ -80,7 +80,7 @@ def test_batches_equal_eval_transform_at_target_resolution(demo_small, tmp_path)
 
 
 def test_folder_and_index_sources(demo_small):
-    from fixres_deploy.data import class_balanced_subset, index_image_folder
+    from fixres_deploy.data.folders import class_balanced_subset, index_image_folder
 
     cfg = PreprocessConfig(32)
     x = calibration_batches(os.path.join(demo_small, "val"), cfg, limit=20)
@@ -138,11 +138,23 @@ def test_hand_edited_manifest_and_moved_root(demo_copy, tmp_path):
 
 
 def test_cli_calibration_json(demo_small, tmp_path, capsys):
-    from fixres_deploy.cli import main
+    from fixres_deploy.cli.app import main
 
     out = tmp_path / "calibration" / "demo.json"
-    rc = main(["calibration", "--data", os.path.join(demo_small, "train"), "--out", str(out),
-               "--size", "30", "--seed", "1", "--json"])
+    rc = main(
+        [
+            "calibration",
+            "--data",
+            os.path.join(demo_small, "train"),
+            "--out",
+            str(out),
+            "--size",
+            "30",
+            "--seed",
+            "1",
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_images"] == 30 and summary["manifest"] == str(out)

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from fixres_deploy.cli import main
-from fixres_deploy.data import index_image_folder, split_by_hash
-from fixres_deploy.errors import DataError
-from fixres_deploy.evaluate import AccuracyMeter, EvalResult, evaluate_model
-from fixres_deploy.models import build_model
-from fixres_deploy.preprocess import PreprocessConfig
-from fixres_deploy.stats import mcnemar_test, wilson_interval
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import DataError
+from fixres_deploy.core.preprocess import PreprocessConfig
+from fixres_deploy.core.stats import mcnemar_test, wilson_interval
+from fixres_deploy.data.folders import index_image_folder, split_by_hash
+from fixres_deploy.fixres.evaluate import AccuracyMeter, EvalResult, evaluate_model
+from fixres_deploy.models.registry import build_model
 
 
 def test_wilson_interval_known_values():
@@ -71,7 +71,7 @@ def test_bad_folders_are_clear(tmp_path):
 def test_hash_split_is_stable_and_disjoint(random_folder):
     idx = index_image_folder(random_folder)
     tr1, va1 = split_by_hash(idx, 0.3)
-    tr2, va2 = split_by_hash(idx, 0.3)
+    _tr2, va2 = split_by_hash(idx, 0.3)
     assert [s.path for s in va1.samples] == [s.path for s in va2.samples]
     assert not {s.path for s in tr1.samples} & {s.path for s in va1.samples}
     assert len(tr1) + len(va1) == len(idx)
@@ -81,8 +81,24 @@ def test_evaluate_cli_contract(tmp_path, random_folder, capsys):
     model, _, _ = build_model("torchvision:resnet18", 3)
     ck = tmp_path / "ck.pt"
     torch.save(model.state_dict(), ck)
-    rc = main(["evaluate", "--model", "torchvision:resnet18", "--num-classes", "3", "--checkpoint", str(ck),
-               "--data", random_folder, "--resolution", "64", "--json", "--workers", "0"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "torchvision:resnet18",
+            "--num-classes",
+            "3",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            random_folder,
+            "--resolution",
+            "64",
+            "--json",
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("top1", "top1_ci", "top5", "n", "skipped"):
@@ -95,9 +111,33 @@ def test_evaluate_cli_bad_inputs(tmp_path, random_folder, capsys):
     model, _, _ = build_model("torchvision:resnet18", 10)
     ck = tmp_path / "ck.pt"
     torch.save(model.state_dict(), ck)
-    rc = main(["evaluate", "--model", "torchvision:resnet18", "--num-classes", "3", "--checkpoint", str(ck),
-               "--data", random_folder, "--resolution", "64"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "torchvision:resnet18",
+            "--num-classes",
+            "3",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            random_folder,
+            "--resolution",
+            "64",
+        ]
+    )
     assert rc == 2 and "--num-classes 10" in capsys.readouterr().err
-    rc = main(["evaluate", "--model", "torchvision:resnet18", "--checkpoint", str(ck),
-               "--data", str(tmp_path / "nowhere"), "--resolution", "64"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "torchvision:resnet18",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--resolution",
+            "64",
+        ]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -12,8 +12,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
-from fixres_deploy.errors import UserInputError  # noqa: E402
-from fixres_deploy.export import (  # noqa: E402
+from fixres_deploy.core.errors import UserInputError  # noqa: E402
+from fixres_deploy.core.preprocess import PreprocessConfig, resolve_preprocess  # noqa: E402
+from fixres_deploy.export.onnx_export import (  # noqa: E402
     META_CLASS_NAMES,
     META_MODEL,
     META_PREPROCESS,
@@ -26,14 +27,13 @@ from fixres_deploy.export import (  # noqa: E402
     validate_onnx,
     validation_batches,
 )
-from fixres_deploy.preprocess import PreprocessConfig, resolve_preprocess  # noqa: E402
 
 FIVE_RES = [48, 64, 80, 96, 128]
 
 
 @pytest.fixture(scope="module")
 def trained(demo_trained):
-    from fixres_deploy.models import load_model
+    from fixres_deploy.models.registry import load_model
 
     loaded = load_model(None, checkpoint=demo_trained["checkpoint"])
     cfg = resolve_preprocess(loaded.preprocess, test_input_size=64)
@@ -44,8 +44,16 @@ def trained(demo_trained):
 def dynamic_export(trained, tmp_path_factory):
     loaded, cfg, val = trained
     path = tmp_path_factory.mktemp("export") / "tiny_dyn.onnx"
-    result = export_onnx(loaded.model, path, cfg, dynamic=True, validation_images=val, validate_resolutions=FIVE_RES,
-                         class_names=loaded.class_names, model_spec=loaded.spec)
+    result = export_onnx(
+        loaded.model,
+        path,
+        cfg,
+        dynamic=True,
+        validation_images=val,
+        validate_resolutions=FIVE_RES,
+        class_names=loaded.class_names,
+        model_spec=loaded.spec,
+    )
     return result
 
 
@@ -68,7 +76,7 @@ def test_dynamic_dynamo_export_matches_torch_at_five_resolutions(trained, dynami
     sess = _session(r.path)
     assert [o.name for o in sess.get_outputs()] == ["logits"]
     assert sess.get_outputs()[0].shape == ["batch", 10]
-    from fixres_deploy.data import index_image_folder
+    from fixres_deploy.data.folders import index_image_folder
 
     index = index_image_folder(val, classes=loaded.class_names)
     imgs = index.subset(index.samples[::30][:12])
@@ -138,8 +146,9 @@ def test_corrupted_weights_fail_validation_at_every_resolution(trained, dynamic_
 
 def test_fixed_export_torchscript_and_wrong_resolution(trained, tmp_path):
     loaded, cfg, val = trained
-    r = export_onnx(loaded.model, tmp_path / "fixed.onnx", cfg, batch_size=3, exporter="torchscript",
-                    validation_images=val)
+    r = export_onnx(
+        loaded.model, tmp_path / "fixed.onnx", cfg, batch_size=3, exporter="torchscript", validation_images=val
+    )
     assert r.exporter == "torchscript" and r.input_shape == [3, 3, 64, 64] and r.batch_size == 3
     assert r.validation["passed"] and r.validation["runs"][0]["images"] == 8
     sess = _session(r.path)
@@ -154,7 +163,7 @@ def test_fixed_export_torchscript_and_wrong_resolution(trained, tmp_path):
 @pytest.mark.parametrize("spec", ["torchvision:mobilenet_v3_small", "torchvision:resnet18"])
 def test_torchvision_structures_export(spec, tmp_path):
     """Random-init structure checks (no accuracy claims): shapes, dynamic axes, values relative to scale."""
-    from fixres_deploy.models import build_model
+    from fixres_deploy.models.registry import build_model
 
     model, _, _ = build_model(spec, 10)
     cfg = PreprocessConfig(64)
@@ -201,14 +210,30 @@ def test_dynamo_failure_is_explained_and_auto_falls_back(tmp_path):
 
 
 def test_cli_export_contract(trained, demo_trained, tmp_path, capsys):
-    from fixres_deploy.cli import main
-    from fixres_deploy.models import build_model
+    from fixres_deploy.cli.app import main
+    from fixres_deploy.models.registry import build_model
 
     loaded, cfg, val = trained
     out = tmp_path / "model.onnx"
-    rc = main(["export", "--checkpoint", demo_trained["checkpoint"], "--resolution", "80", "--dynamic",
-               "--exporter", "torchscript", "--validate-resolutions", "64,80", "--validation-data", val,
-               "--out", str(out), "--json"])
+    rc = main(
+        [
+            "export",
+            "--checkpoint",
+            demo_trained["checkpoint"],
+            "--resolution",
+            "80",
+            "--dynamic",
+            "--exporter",
+            "torchscript",
+            "--validate-resolutions",
+            "64,80",
+            "--validation-data",
+            val,
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["path"] == str(out) and d["dynamic"] and d["resolution"] == 80
@@ -221,21 +246,60 @@ def test_cli_export_contract(trained, demo_trained, tmp_path, capsys):
     model, _, _ = build_model("torchvision:resnet18", 10)
     sd = tmp_path / "sd.pt"
     torch.save(model.state_dict(), sd)
-    rc = main(["export", "--model", "torchvision:resnet18", "--num-classes", "10", "--checkpoint", str(sd),
-               "--resolution", "64", "--out", str(tmp_path / "r18.onnx"), "--input-name", "images",
-               "--output-name", "scores", "--json"])
+    rc = main(
+        [
+            "export",
+            "--model",
+            "torchvision:resnet18",
+            "--num-classes",
+            "10",
+            "--checkpoint",
+            str(sd),
+            "--resolution",
+            "64",
+            "--out",
+            str(tmp_path / "r18.onnx"),
+            "--input-name",
+            "images",
+            "--output-name",
+            "scores",
+            "--json",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["exporter"] == "dynamo" and d["input_shape"] == [1, 3, 64, 64]
     assert [i.name for i in _session(d["path"]).get_inputs()] == ["images"]
 
     # bad inputs: one-line errors, exit 2
-    rc = main(["export", "--model", "fixres:tiny_resnet", "--checkpoint", str(tmp_path / "missing.pt"),
-               "--resolution", "64", "--out", str(tmp_path / "x.onnx")])
+    rc = main(
+        [
+            "export",
+            "--model",
+            "fixres:tiny_resnet",
+            "--checkpoint",
+            str(tmp_path / "missing.pt"),
+            "--resolution",
+            "64",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "missing.pt" in err
-    rc = main(["export", "--checkpoint", demo_trained["checkpoint"], "--resolution", "64",
-               "--validate-resolutions", "64,96", "--out", str(tmp_path / "y.onnx")])
+    rc = main(
+        [
+            "export",
+            "--checkpoint",
+            demo_trained["checkpoint"],
+            "--resolution",
+            "64",
+            "--validate-resolutions",
+            "64,96",
+            "--out",
+            str(tmp_path / "y.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--dynamic" in err and "96" in err
     assert not (tmp_path / "y.onnx").exists()

@@ -3,17 +3,17 @@ import copy
 import pytest
 import torch
 
-from fixres_deploy.data import index_image_folder
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.finetune import (
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.preprocess import PreprocessConfig
+from fixres_deploy.data.folders import index_image_folder
+from fixres_deploy.fixres.finetune import (
     FinetuneOptions,
     TailSplit,
     discover_fixres_modules,
     fixres_finetune,
     resolve_fixres_modules,
 )
-from fixres_deploy.models import build_model
-from fixres_deploy.preprocess import PreprocessConfig
+from fixres_deploy.models.registry import build_model
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,9 @@ def test_train_bn_affine_option_and_stats_only(small_train):
     model, _, _ = build_model("fixres:tiny_resnet", 10)
     model.eval()
     before = _snapshot(model)
-    fixres_finetune(model, small_train, cfg, FinetuneOptions(epochs=1, batch_size=32, lr=0.05, train_bn_affine=True, workers=0))
+    fixres_finetune(
+        model, small_train, cfg, FinetuneOptions(epochs=1, batch_size=32, lr=0.05, train_bn_affine=True, workers=0)
+    )
     assert not torch.equal(before["layer4.0.bn2.weight"], model.state_dict()["layer4.0.bn2.weight"])
 
     model2, _, _ = build_model("fixres:tiny_resnet", 10)
@@ -107,20 +109,21 @@ def test_train_bn_affine_option_and_stats_only(small_train):
     after2 = model2.state_dict()
     changed = {k for k in before2 if not torch.equal(before2[k], after2[k])}
     assert changed == {
-        f"{bn}.{b}" for bn in ("layer4.0.bn2", "layer4.0.downsample.1")
+        f"{bn}.{b}"
+        for bn in ("layer4.0.bn2", "layer4.0.downsample.1")
         for b in ("running_mean", "running_var", "num_batches_tracked")
     }
     assert stats.steps == 0
     # the statistics are the exact mean of the BN input over the data (cumulative average)
     split = TailSplit(model2, ["layer4.0.bn2"])
-    from fixres_deploy.data import make_loader
-    from fixres_deploy.preprocess import eval_transform
+    from fixres_deploy.core.preprocess import eval_transform
+    from fixres_deploy.data.folders import make_loader
 
     feats = []
     with torch.no_grad():
         for images, _, _, _ in make_loader(small_train, eval_transform(cfg), batch_size=64, workers=0):
             frontier = split.trunk(images)
-            idx = split.frontier_names.index([n for n in split.frontier_names if "conv2" in n][0])
+            idx = split.frontier_names.index(next(n for n in split.frontier_names if "conv2" in n))
             feats.append(frontier[idx])
     f = torch.cat(feats)
     assert torch.allclose(after2["layer4.0.bn2.running_mean"], f.mean(dim=(0, 2, 3)), atol=1e-4)

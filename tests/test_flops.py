@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from fixres_deploy.errors import UserInputError  # noqa: E402
-from fixres_deploy.flops import count_flops, flops_per_image  # noqa: E402
+from fixres_deploy.core.errors import UserInputError  # noqa: E402
+from fixres_deploy.models.flops import count_flops, flops_per_image  # noqa: E402
 
 
 class Tiny(torch.nn.Module):
@@ -29,8 +29,12 @@ class Tiny(torch.nn.Module):
 
 def _export(model, path, res=16, dynamic=True, batch=1):
     torch.onnx.export(
-        model.eval(), torch.randn(batch, 3, res, res), str(path), dynamo=False,
-        input_names=["input"], output_names=["logits"],
+        model.eval(),
+        torch.randn(batch, 3, res, res),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
         dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}} if dynamic else None,
     )
     return str(path)
@@ -148,8 +152,11 @@ def test_int8_graphs_count_the_same_work(tmp_path, flavor):
     dst = str(tmp_path / f"tiny16_{flavor}.onnx")
     kw = dict(per_channel=True, quant_format=q.QuantFormat.QOperator if flavor == "qoperator" else q.QuantFormat.QDQ)
     if flavor == "qdq_s8":
-        kw.update(activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-                  extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+        kw.update(
+            activation_type=q.QuantType.QInt8,
+            weight_type=q.QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
     q.quantize_static(src, dst, _Reader(16), **kw)
     ops = {n.op_type for n in onnx.load(dst).graph.node}
     a, b = count_flops(src), count_flops(dst)

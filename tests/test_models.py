@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-from fixres_deploy.errors import ModelLoadError, UserInputError
-from fixres_deploy.models import build_model, load_model, read_checkpoint, save_checkpoint
+from fixres_deploy.core.errors import ModelLoadError, UserInputError
+from fixres_deploy.models.registry import build_model, load_model, read_checkpoint, save_checkpoint
 
 
 def test_unknown_torchvision_name_lists_close_names():
@@ -68,9 +68,15 @@ def test_not_a_state_dict_and_missing_file(tmp_path):
 
 def test_fixres_checkpoint_round_trip(tmp_path):
     model, _, _ = build_model("fixres:tiny_resnet", 4)
-    p = save_checkpoint(tmp_path / "c.pt", model, spec="fixres:tiny_resnet", num_classes=4,
-                        class_names=["a", "b", "c", "d"], preprocess={"test_input_size": 96})
-    state, meta = read_checkpoint(p)
+    p = save_checkpoint(
+        tmp_path / "c.pt",
+        model,
+        spec="fixres:tiny_resnet",
+        num_classes=4,
+        class_names=["a", "b", "c", "d"],
+        preprocess={"test_input_size": 96},
+    )
+    _state, meta = read_checkpoint(p)
     assert meta["model"] == "fixres:tiny_resnet" and meta["class_names"] == ["a", "b", "c", "d"]
     lm = load_model(None, checkpoint=p)  # spec and class count come from the file
     assert lm.spec == "fixres:tiny_resnet" and lm.num_classes == 4 and lm.preprocess == {"test_input_size": 96}
@@ -119,7 +125,7 @@ def test_import_and_help_without_backends():
         "for m in ('onnxruntime', 'tensorrt', 'tensorrt_bindings', 'cuda', 'pycuda', 'onnxscript', 'torch', 'torchvision'):\n"
         "    sys.modules[m] = None\n"
         "import fixres_deploy\n"
-        "from fixres_deploy.cli import main\n"
+        "from fixres_deploy.cli.app import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as e:\n"

@@ -5,21 +5,26 @@ import os
 
 import pytest
 
-from fixres_deploy.cli import main
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.pipeline import PipelineConfig
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.sweep.pipeline import PipelineConfig
 
 
 def test_run_from_toml_is_resumable(tmp_path, demo_small, capsys):
     import torch
 
-    from fixres_deploy.models import build_model, save_checkpoint
+    from fixres_deploy.models.registry import build_model, save_checkpoint
 
     torch.manual_seed(0)
     model, _, _ = build_model("fixres:tiny_resnet", 10)
-    save_checkpoint(tmp_path / "base.pt", model, spec="fixres:tiny_resnet", num_classes=10,
-                    class_names=sorted(os.listdir(f"{demo_small}/train")),
-                    preprocess={"test_input_size": 64, "train_input_size": 64})
+    save_checkpoint(
+        tmp_path / "base.pt",
+        model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=sorted(os.listdir(f"{demo_small}/train")),
+        preprocess={"test_input_size": 64, "train_input_size": 64},
+    )
     (tmp_path / "run.toml").write_text(f"""
 [model]
 checkpoint = "base.pt"
@@ -86,7 +91,7 @@ def test_demo_end_to_end_reduced(demo_trained):
     curve = {row["resolution"]: row for row in rep["finetune_curve"]}
     assert curve[96]["finetuned"]["top1"] > curve[64]["no_finetune"]["top1"]
     # the shipped bundle classifies images with the torch-free runtime
-    from fixres_deploy.runtime import predict_bundle
+    from fixres_deploy.ship.runtime import predict_bundle
 
     val = demo_trained["val"]
     cls = sorted(os.listdir(val))[0]

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 from onnx import numpy_helper  # noqa: E402
 
-from fixres_deploy import precision as P  # noqa: E402
-from fixres_deploy.errors import UserInputError  # noqa: E402
+from fixres_deploy.core.errors import UserInputError  # noqa: E402
+from fixres_deploy.precision import variants as P  # noqa: E402
 
 # Measured on the demo_trained tiny_resnet at 64 px, 128 calibration (train) + 400 held-out
 # (val) images: top-1 drops within ±0.75 pts for both flavors, with or without float layers;
@@ -26,10 +26,10 @@ MIN_AGREEMENT = 0.85
 
 @pytest.fixture(scope="module")
 def setup(demo_trained, tmp_path_factory):
-    from fixres_deploy.calibration import calibration_batches, make_calibration_manifest
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.models import load_model
-    from fixres_deploy.preprocess import resolve_preprocess
+    from fixres_deploy.core.preprocess import resolve_preprocess
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.models.registry import load_model
+    from fixres_deploy.precision.calibration import calibration_batches, make_calibration_manifest
 
     root = tmp_path_factory.mktemp("precision")
     loaded = load_model(None, checkpoint=demo_trained["checkpoint"])
@@ -40,8 +40,16 @@ def setup(demo_trained, tmp_path_factory):
     eval_x = calibration_batches(held, cfg)
     eval_y = np.array([i["label"] for i in held.images])
     ref = P._run(P._session(fp32), eval_x, 32)
-    return {"root": root, "fp32": fp32, "cfg": cfg, "calib": calib, "x": eval_x, "y": eval_y, "ref": ref,
-            "cache": str(root / "cache")}
+    return {
+        "root": root,
+        "fp32": fp32,
+        "cfg": cfg,
+        "calib": calib,
+        "x": eval_x,
+        "y": eval_y,
+        "ref": ref,
+        "cache": str(root / "cache"),
+    }
 
 
 def _predict(path, x):
@@ -53,7 +61,7 @@ def _consts(model):
 
 
 def test_fp16_runs_with_fp32_io_and_keeps_sensitive_ops(setup):
-    from fixres_deploy.export import read_onnx_preprocess
+    from fixres_deploy.export.onnx_export import read_onnx_preprocess
 
     v = P.convert_fp16(setup["fp32"], setup["root"] / "fp16.onnx")
     assert v.precision == "fp16" and v.converter.startswith("onnxruntime")
@@ -80,10 +88,11 @@ def test_fp16_runs_with_fp32_io_and_keeps_sensitive_ops(setup):
 
 @pytest.mark.parametrize("flavor", ["tensorrt", "ort_cpu"])
 def test_int8_flavors_accuracy_and_graph_contract(setup, flavor):
-    v = P.quantize_int8(setup["fp32"], setup["root"] / f"int8_{flavor}.onnx", setup["calib"], flavor=flavor,
-                        cache=setup["cache"])
+    v = P.quantize_int8(
+        setup["fp32"], setup["root"] / f"int8_{flavor}.onnx", setup["calib"], flavor=flavor, cache=setup["cache"]
+    )
     assert v.precision == "int8" and v.flavor == P.INT8_FLAVORS[flavor]
-    from fixres_deploy.export import read_onnx_metadata, read_onnx_preprocess
+    from fixres_deploy.export.onnx_export import read_onnx_metadata, read_onnx_preprocess
 
     assert read_onnx_preprocess(v.path) == setup["cfg"]  # metadata carried over
     assert read_onnx_metadata(v.path)[P.META_INT8_FLAVOR] == v.flavor
@@ -122,8 +131,14 @@ def test_int8_flavors_accuracy_and_graph_contract(setup, flavor):
         assert consts[node.input[1]].dtype == np.float32
         assert node.input[0] not in producers or producers[node.input[0]].op_type != "DequantizeLinear"
     # with no float layers, the first conv is quantized
-    allq = P.quantize_int8(setup["fp32"], setup["root"] / f"int8_{flavor}_all.onnx", setup["calib"],
-                           flavor=flavor, float_layers=None, cache=setup["cache"])
+    allq = P.quantize_int8(
+        setup["fp32"],
+        setup["root"] / f"int8_{flavor}_all.onnx",
+        setup["calib"],
+        flavor=flavor,
+        float_layers=None,
+        cache=setup["cache"],
+    )
     m2 = onnx.load(allq.path)
     producers2 = {o: n for n in m2.graph.node for o in n.output}
     first = next(n for n in m2.graph.node if n.name == floats[0])
@@ -165,14 +180,19 @@ def test_calibration_cache_is_reused(setup, tmp_path, monkeypatch):
 
 def test_entropy_ranges_differ_from_minmax(demo_small, tmp_path):
     """Real KL-divergence ranges (2048 bins) reach the graph; a small CNN keeps it fast."""
-    from fixres_deploy.calibration import calibration_batches
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.preprocess import PreprocessConfig
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.precision.calibration import calibration_batches
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+        torch.nn.Conv2d(3, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
     ).eval()
     cfg = PreprocessConfig(32)
     src = export_onnx(net, tmp_path / "small.onnx", cfg, dynamic=True, exporter="torchscript", tolerance=None).path
@@ -185,8 +205,11 @@ def test_entropy_ranges_differ_from_minmax(demo_small, tmp_path):
     def act_scales(path):
         m = onnx.load(path)
         c = _consts(m)
-        return {n.input[0]: float(c[n.input[1]]) for n in m.graph.node
-                if n.op_type == "QuantizeLinear" and n.input[0] not in c}
+        return {
+            n.input[0]: float(c[n.input[1]])
+            for n in m.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in c
+        }
 
     s_mm, s_en = act_scales(mm.path), act_scales(en.path)
     assert s_mm.keys() == s_en.keys() and len(s_mm) >= 3
@@ -202,8 +225,9 @@ def test_layer_sensitivity_greedy_path(setup):
     m = onnx.load(setup["fp32"])
     convs = [n.name for n in m.graph.node if n.op_type == "Conv"]
     cands = cands + convs[3:5]
-    rep = P.layer_sensitivity(setup["fp32"], setup["calib"], x, y, candidates=cands, budget_pts=-100.0,
-                              cache=setup["cache"])
+    rep = P.layer_sensitivity(
+        setup["fp32"], setup["calib"], x, y, candidates=cands, budget_pts=-100.0, cache=setup["cache"]
+    )
     assert [d["node"] for d in rep.per_layer] == cands and rep.n_eval == 200
     assert abs(rep.fp32_top1 - (setup["ref"][:200].argmax(1) == y).mean()) < 1e-9
     # impossible budget: the walk adds every candidate, most sensitive first
@@ -214,8 +238,9 @@ def test_layer_sensitivity_greedy_path(setup):
     assert sorted(order) == sorted(cands) and [drops[n] for n in order] == sorted(drops.values(), reverse=True)
     assert rep.chosen_float_layers == rep.greedy_path[-1]["float_layers"]
     # everything float: int8 graph equals fp32 on the candidates' share; the last step is near fp32
-    generous = P.layer_sensitivity(setup["fp32"], setup["calib"], x, y, candidates=cands, budget_pts=100.0,
-                                   cache=setup["cache"])
+    generous = P.layer_sensitivity(
+        setup["fp32"], setup["calib"], x, y, candidates=cands, budget_pts=100.0, cache=setup["cache"]
+    )
     assert generous.met_budget and generous.chosen_float_layers == [] and len(generous.greedy_path) == 1
     assert json.loads(json.dumps(generous.to_dict()))["flavor"] == "s8s8_symmetric"
 
@@ -236,8 +261,8 @@ def test_dispatcher_flavors_and_bad_inputs(setup, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
     # a fixed 64-px model refuses calibration images of another resolution
-    from fixres_deploy.export import export_onnx
-    from fixres_deploy.models import build_model
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.models.registry import build_model
 
     model, _, _ = build_model("fixres:tiny_resnet", 10)
     fixed = export_onnx(model, tmp_path / "fixed.onnx", setup["cfg"], exporter="torchscript", tolerance=None).path

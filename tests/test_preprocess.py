@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.preprocess import (
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.preprocess import (
     PreprocessConfig,
     eval_transform,
     finetune_transform,

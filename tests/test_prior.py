@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from fixres_deploy.cli import main
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.prior import (
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.fixres.prior import (
     analytic_ratio,
     expected_sqrt_area,
     monte_carlo_ratio,

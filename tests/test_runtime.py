@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from fixres_deploy.backends.base import EngineArtifact, ShapeProfile, ShapeSpec
-from fixres_deploy.bundle import BundleError, make_bundle
-from fixres_deploy.cli import main
-from fixres_deploy.data import index_image_folder, load_rgb
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.models import load_model
-from fixres_deploy.preprocess import PreprocessConfig, eval_transform
-from fixres_deploy.runtime import Classifier, predict_bundle
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform
+from fixres_deploy.data.folders import index_image_folder, load_rgb
+from fixres_deploy.models.registry import load_model
+from fixres_deploy.ship.bundle import BundleError, make_bundle
+from fixres_deploy.ship.runtime import Classifier, predict_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -33,13 +33,32 @@ def _bundle(model, class_names, cfg, out, *, batch=None, max_batch=16, tar=False
     x = torch.randn(batch or 2, 3, k, k)
     dyn = None if batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
     with torch.no_grad():
-        torch.onnx.export(model, x, onnx_path, dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes=dyn, opset_version=17)
-    shapes = (ShapeSpec.fixed(batch, k) if batch
-              else ShapeSpec.dynamic([ShapeProfile((1, 3, k, k), (8, 3, k, k), (max_batch, 3, k, k))]))
+        torch.onnx.export(
+            model,
+            x,
+            onnx_path,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes=dyn,
+            opset_version=17,
+        )
+    shapes = (
+        ShapeSpec.fixed(batch, k)
+        if batch
+        else ShapeSpec.dynamic([ShapeProfile((1, 3, k, k), (8, 3, k, k), (max_batch, 3, k, k))])
+    )
     art = EngineArtifact(backend="onnxruntime", precision="fp32", path=onnx_path, source_onnx=onnx_path, shapes=shapes)
-    make_bundle(out, engines=[art], onnx_sources=[], preprocess=cfg, class_names=class_names,
-                model={"spec": "fixres:tiny_resnet"}, metrics={}, tar=tar)
+    make_bundle(
+        out,
+        engines=[art],
+        onnx_sources=[],
+        preprocess=cfg,
+        class_names=class_names,
+        model={"spec": "fixres:tiny_resnet"},
+        metrics={},
+        tar=tar,
+    )
     return str(out)
 
 
@@ -75,8 +94,13 @@ def test_runtime_matches_torch_on_real_images(trained, base_cfg, tmp_path, varia
     loaded, val = trained
     cfg = base_cfg
     if variant == "other":  # resolution, crop, filter and resize mode all off the defaults
-        cfg = PreprocessConfig(test_input_size=80, train_input_size=base_cfg.test_input_size, crop_pct=0.75,
-                               interpolation="bicubic", resize_mode="height")
+        cfg = PreprocessConfig(
+            test_input_size=80,
+            train_input_size=base_cfg.test_input_size,
+            crop_pct=0.75,
+            interpolation="bicubic",
+            resize_mode="height",
+        )
         assert cfg.to_dict() != base_cfg.to_dict()
     paths = [s.path for s in val.samples]
     labels = np.array([s.label for s in val.samples])
@@ -97,8 +121,10 @@ def test_runtime_matches_torch_on_real_images(trained, base_cfg, tmp_path, varia
     scores = np.array([p.score for p in preds])
     np.testing.assert_allclose(scores, p_ref.max(1), atol=1e-4)
     assert all(p.path == q for p, q in zip(preds, paths))
-    assert all(p.label == val.classes[p.index] and len(p.top_k) == 2 and p.top_k[0]["score"] >= p.top_k[1]["score"]
-               for p in preds)
+    assert all(
+        p.label == val.classes[p.index] and len(p.top_k) == 2 and p.top_k[0]["score"] >= p.top_k[1]["score"]
+        for p in preds
+    )
 
 
 def test_fixed_batch_engine_is_padded(trained, base_cfg, dyn_bundle, tmp_path):
@@ -184,24 +210,25 @@ def test_tar_bundle_and_context_manager(dyn_bundle, trained):
         Classifier(dyn_bundle, backend="tensorrt")
 
 
-_NO_TORCH = (
-    "import sys, json\n"
-    "sys.modules['torch'] = None\n"
-    "sys.modules['torchvision'] = None\n"
-)
+_NO_TORCH = "import sys, json\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n"
 
 
 def test_runtime_imports_and_runs_without_torch(dyn_bundle, trained):
     _, val = trained
     paths = [s.path for s in val.samples[::50]]
     script = _NO_TORCH + (
-        "from fixres_deploy.runtime import predict_bundle\n"
+        "from fixres_deploy.ship.runtime import predict_bundle\n"
         "preds = predict_bundle(sys.argv[1], sys.argv[2:], top_k=2)\n"
         "loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('torch', 'torchvision'))\n"
         "print(json.dumps({'loaded': loaded, 'preds': [p.to_dict() for p in preds]}))\n"
     )
-    res = subprocess.run([sys.executable, "-c", script, dyn_bundle, *paths], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "FIXRES_NO_PROGRESS": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", script, dyn_bundle, *paths],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FIXRES_NO_PROGRESS": "1"},
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["loaded"] == []
@@ -220,9 +247,25 @@ def test_predict_cli_lines(dyn_bundle, trained, tmp_path):
     broken.write_bytes(b"\x89PNG garbage")
     single = val.samples[-1].path
     # through the real CLI, in a process where torch cannot be imported
-    script = _NO_TORCH + "from fixres_deploy.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    res = subprocess.run([sys.executable, "-c", script, "predict", "--bundle", dyn_bundle, single, str(folder),
-                          str(broken), "--top-k", "3"], capture_output=True, text=True, timeout=120)
+    script = _NO_TORCH + "from fixres_deploy.cli.app import main\nsys.exit(main(sys.argv[1:]))\n"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "predict",
+            "--bundle",
+            dyn_bundle,
+            single,
+            str(folder),
+            str(broken),
+            "--top-k",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1, res.stderr  # one image could not be read
     rows = [json.loads(line) for line in res.stdout.strip().splitlines()]
     assert len(rows) == 5

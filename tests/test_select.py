@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from fixres_deploy.evaluate import pack_bits
-from fixres_deploy.points import SweepPoint
-from fixres_deploy.select import (
+from fixres_deploy.choose.select import (
     NoFeasiblePointError,
     SelectionConfig,
     headline_figures,
@@ -11,6 +9,8 @@ from fixres_deploy.select import (
     pareto_front,
     select_point,
 )
+from fixres_deploy.fixres.evaluate import pack_bits
+from fixres_deploy.sweep.points import SweepPoint
 
 N = 1000
 
@@ -31,9 +31,21 @@ def hits(acc, seed, base=None, flip=0):
 def point(res, prec, lat, correct, *, ft=True, batch=1, backend="onnxruntime", mode="fixed", reps=None):
     acc = float(correct.mean())
     return SweepPoint(
-        resolution=res, precision=prec, backend=backend, batch_size=batch, shape_mode=mode, finetuned=ft,
-        top1=acc, top1_ci=[acc - 0.02, acc + 0.02], top5=1.0, n=N, correct1_bits=pack_bits(correct),
-        latency_p50_ms=lat, latency_p90_ms=lat * 1.1, latency_p99_ms=lat * 1.3, throughput_ips=batch * 1000 / lat,
+        resolution=res,
+        precision=prec,
+        backend=backend,
+        batch_size=batch,
+        shape_mode=mode,
+        finetuned=ft,
+        top1=acc,
+        top1_ci=[acc - 0.02, acc + 0.02],
+        top5=1.0,
+        n=N,
+        correct1_bits=pack_bits(correct),
+        latency_p50_ms=lat,
+        latency_p90_ms=lat * 1.1,
+        latency_p99_ms=lat * 1.3,
+        throughput_ips=batch * 1000 / lat,
         latency_meta={"repeat_p50_ms": reps or [lat * 0.99, lat, lat * 1.01]},
     )
 
@@ -42,10 +54,10 @@ def point(res, prec, lat, correct, *, ft=True, batch=1, backend="onnxruntime", m
 def grid():
     base = hits(0.80, 0)
     pts = [
-        point(64, "fp32", 10.0, base, ft=False),                      # 0 naive
+        point(64, "fp32", 10.0, base, ft=False),  # 0 naive
         point(96, "fp32", 20.0, hits(0, 1, base=base, flip=0) | hits(0.9, 2)),  # 1 very accurate, slow
         point(96, "int8", 9.0, hits(0, 3, base=base, flip=0) | hits(0.85, 4)),  # 2 accurate, fast
-        point(64, "int8", 5.0, hits(0, 5, base=base, flip=40)),      # 3 fastest, noisier
+        point(64, "int8", 5.0, hits(0, 5, base=base, flip=40)),  # 3 fastest, noisier
         point(128, "fp32", 35.0, hits(0, 6, base=base, flip=0) | hits(0.85, 7)),  # 4 dominated-ish
     ]
     return pts
@@ -56,16 +68,19 @@ def test_pareto_front_excludes_dominated(grid):
     front = pareto_front(grid, cfg)
     for i in front:
         for j in range(len(grid)):
-            assert not (grid[j].latency_p50_ms <= grid[i].latency_p50_ms and grid[j].top1 >= grid[i].top1
-                        and (grid[j].latency_p50_ms < grid[i].latency_p50_ms or grid[j].top1 > grid[i].top1))
+            assert not (
+                grid[j].latency_p50_ms <= grid[i].latency_p50_ms
+                and grid[j].top1 >= grid[i].top1
+                and (grid[j].latency_p50_ms < grid[i].latency_p50_ms or grid[j].top1 > grid[i].top1)
+            )
     assert 0 not in front  # naive: slower and less accurate than 96 int8
     assert front == sorted(front, key=lambda i: grid[i].latency_p50_ms)
 
 
 def test_ties_go_to_the_faster_point():
     base = hits(0.90, 11)
-    a = point(128, "fp32", 30.0, base)                            # best point estimate
-    b = point(96, "fp32", 12.0, hits(0, 12, base=base, flip=6))   # within noise of a
+    a = point(128, "fp32", 30.0, base)  # best point estimate
+    b = point(96, "fp32", 12.0, hits(0, 12, base=base, flip=6))  # within noise of a
     pts = [a, b]
     sel = select_point(pts, SelectionConfig())
     assert abs(a.top1 - b.top1) < 0.01

@@ -5,13 +5,21 @@ import os
 
 import pytest
 
-from fixres_deploy.models import build_model, save_checkpoint
-from fixres_deploy.points import SweepPoint
-from fixres_deploy.store import ResultStore
-from fixres_deploy.sweep import SweepConfig, SweepResult, run_sweep
+from fixres_deploy.models.registry import build_model, save_checkpoint
+from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.store import ResultStore
+from fixres_deploy.sweep.sweep import SweepConfig, SweepResult, run_sweep
 
-FAST_LATENCY = {"warmup_iters": 1, "warmup_s": 0.0, "min_iters": 3, "max_iters": 20, "budget_s": 0.05,
-                "repeats": 1, "remeasure_if_contended": 0, "check_load": False}
+FAST_LATENCY = {
+    "warmup_iters": 1,
+    "warmup_s": 0.0,
+    "min_iters": 3,
+    "max_iters": 20,
+    "budget_s": 0.05,
+    "repeats": 1,
+    "remeasure_if_contended": 0,
+    "check_load": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +29,33 @@ def small_ckpt(tmp_path_factory, demo_small):
     torch.manual_seed(0)
     model, _, _ = build_model("fixres:tiny_resnet", 10)
     path = tmp_path_factory.mktemp("ck") / "base.pt"
-    save_checkpoint(path, model, spec="fixres:tiny_resnet", num_classes=10,
-                    class_names=sorted(os.listdir(f"{demo_small}/train")),
-                    preprocess={"test_input_size": 64, "train_input_size": 64})
+    save_checkpoint(
+        path,
+        model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=sorted(os.listdir(f"{demo_small}/train")),
+        preprocess={"test_input_size": 64, "train_input_size": 64},
+    )
     return str(path)
 
 
 def _cfg(ckpt, demo, out, **kw):
-    base = dict(checkpoint=ckpt, train_data=f"{demo}/train", eval_data=f"{demo}/val", resolutions=[64, 96],
-                precisions=["fp32", "int8"], batch_sizes=[2], shape_modes=["fixed"], finetune=[False, True],
-                finetune_epochs=1, calibration_size=20, exporter="torchscript", latency=FAST_LATENCY,
-                store=str(out / "store"))
+    base = dict(
+        checkpoint=ckpt,
+        train_data=f"{demo}/train",
+        eval_data=f"{demo}/val",
+        resolutions=[64, 96],
+        precisions=["fp32", "int8"],
+        batch_sizes=[2],
+        shape_modes=["fixed"],
+        finetune=[False, True],
+        finetune_epochs=1,
+        calibration_size=20,
+        exporter="torchscript",
+        latency=FAST_LATENCY,
+        store=str(out / "store"),
+    )
     base.update(kw)
     return SweepConfig(**base)
 
@@ -62,7 +86,7 @@ def test_store_records_and_failures(tmp_path):
     assert frec["error"] == "RuntimeError: no luck"
     again, cached3 = store.run("s", {"b": 1}, boom)
     assert cached3 and again["error"]  # failures are results too, not retried by default
-    retried, cached4 = store.run("s", {"b": 1}, boom, retry_failed=True)
+    _retried, cached4 = store.run("s", {"b": 1}, boom, retry_failed=True)
     assert not cached4
 
 
@@ -71,7 +95,7 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
     out = tmp_path / "sw"
     cfg = _cfg(small_ckpt, demo_small, out)
     # 1. interrupted run: the 3rd latency measurement raises KeyboardInterrupt
-    import fixres_deploy.bench as bench
+    import fixres_deploy.measure.bench as bench
 
     calls = {"n": 0}
     orig = bench.measure_latency
@@ -113,8 +137,18 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
 
 def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
     out = tmp_path / "sw"
-    res = run_sweep(_cfg(small_ckpt, demo_small, out, backends=["onnxruntime", "tensorrt"], finetune=[False],
-                         resolutions=[64], precisions=["fp32"]), out)
+    res = run_sweep(
+        _cfg(
+            small_ckpt,
+            demo_small,
+            out,
+            backends=["onnxruntime", "tensorrt"],
+            finetune=[False],
+            resolutions=[64],
+            precisions=["fp32"],
+        ),
+        out,
+    )
     by_backend = {p.backend: p for p in res.points}
     assert by_backend["onnxruntime"].ok
     assert by_backend["tensorrt"].error and "tensorrt" in by_backend["tensorrt"].error.lower()
@@ -122,10 +156,10 @@ def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
 
 
 def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
-    from fixres_deploy.bundle import verify_bundle
-    from fixres_deploy.bundle_select import bundle_selected
-    from fixres_deploy.cli import main
-    from fixres_deploy.report import write_report
+    from fixres_deploy.choose.report import write_report
+    from fixres_deploy.cli.app import main
+    from fixres_deploy.ship.bundle import verify_bundle
+    from fixres_deploy.ship.bundle_select import bundle_selected
 
     out = tmp_path / "sw"
     sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)
@@ -134,8 +168,19 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     for key in ("points", "pareto", "selected", "reason", "iso_latency_gain", "iso_accuracy_speedup"):
         assert key in data
     p = data["points"][data["selected"]]
-    for key in ("resolution", "precision", "backend", "batch_size", "shape_mode", "finetuned", "top1", "top1_ci",
-                "latency_p50_ms", "latency_p99_ms", "throughput_ips"):
+    for key in (
+        "resolution",
+        "precision",
+        "backend",
+        "batch_size",
+        "shape_mode",
+        "finetuned",
+        "top1",
+        "top1_ci",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "throughput_ips",
+    ):
         assert key in p
     assert all(0 <= i < len(data["points"]) for i in data["pareto"])
     assert (out / "report.md").exists() and all(os.path.exists(v) for v in rep["plots"].values())

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from fixres_deploy.backends.base import EngineArtifact, ShapeProfile, ShapeSpec
-from fixres_deploy.bundle import load_manifest, make_bundle
-from fixres_deploy.cli import main
-from fixres_deploy.errors import UserInputError
-from fixres_deploy.models import build_model
-from fixres_deploy.preprocess import PreprocessConfig
-from fixres_deploy.triton import export_triton_repository
+from fixres_deploy.cli.app import main
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.preprocess import PreprocessConfig
+from fixres_deploy.models.registry import build_model
+from fixres_deploy.ship.bundle import load_manifest, make_bundle
+from fixres_deploy.ship.triton import export_triton_repository
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -86,9 +86,11 @@ def parse_pbtxt(text: str) -> dict:
 
 
 def test_parser_reads_a_handwritten_config():
-    cfg = parse_pbtxt('name: "m"  # c\nmax_batch_size: 8\ninput [ { name: "x" dims: [ 3, -1 ] } ]\n'
-                      'parameters { key: "a" value: { string_value: "{\\"k\\": 1}" } }\n'
-                      'parameters { key: "b" value: { string_value: "2" } }\n')
+    cfg = parse_pbtxt(
+        'name: "m"  # c\nmax_batch_size: 8\ninput [ { name: "x" dims: [ 3, -1 ] } ]\n'
+        'parameters { key: "a" value: { string_value: "{\\"k\\": 1}" } }\n'
+        'parameters { key: "b" value: { string_value: "2" } }\n'
+    )
     assert cfg["name"] == "m" and cfg["max_batch_size"] == 8 and cfg["input"][0]["dims"] == [3, -1]
     assert json.loads(cfg["parameters"][0]["value"]["string_value"]) == {"k": 1}
     assert cfg["parameters"][1]["key"] == "b"
@@ -104,8 +106,16 @@ def _export(path, *, batch=None, dynamic_hw=False):
     dyn = None
     if not batch:
         dyn = {"input": {0: "batch", 2: "h", 3: "w"} if dynamic_hw else {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(model, torch.randn(batch or 2, 3, RES, RES), str(path), dynamo=False,
-                      input_names=["input"], output_names=["logits"], dynamic_axes=dyn, opset_version=17)
+    torch.onnx.export(
+        model,
+        torch.randn(batch or 2, 3, RES, RES),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes=dyn,
+        opset_version=17,
+    )
     return str(path)
 
 
@@ -115,8 +125,14 @@ def _bundle(tmp_path, name, shapes, *, batch=None, dynamic_hw=False, backend="on
     if backend == "tensorrt":
         path = str(tmp_path / f"{name}.plan")
         open(path, "wb").write(os.urandom(2048))  # copied byte for byte; never run here
-    art = EngineArtifact(backend=backend, precision="fp16" if backend == "tensorrt" else "fp32", path=path,
-                         source_onnx=src, shapes=shapes, meta=meta or {})
+    art = EngineArtifact(
+        backend=backend,
+        precision="fp16" if backend == "tensorrt" else "fp32",
+        path=path,
+        source_onnx=src,
+        shapes=shapes,
+        meta=meta or {},
+    )
     cfg = PreprocessConfig(test_input_size=RES, crop_pct=0.9, interpolation="bicubic", resize_mode="height")
     out = tmp_path / name
     make_bundle(out, engines=[art], onnx_sources=[], preprocess=cfg, class_names=CLASSES, model={}, metrics={})
@@ -145,7 +161,7 @@ def test_dynamic_batch_onnx_config(tmp_path):
     assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     params = {p["key"]: p["value"]["string_value"] for p in cfg["parameters"]}
     manifest = load_manifest(b)
-    assert json.loads(params["fixres_deploy.preprocess"]) == manifest.preprocess
+    assert json.loads(params["fixres_deploy.core.preprocess"]) == manifest.preprocess
     assert params["fixres_deploy.manifest_digest"] == manifest.digest
     assert open(os.path.join(target, "labels.txt")).read().splitlines() == CLASSES
     # the model file is the bundle's engine and runs with the config's shapes
@@ -205,8 +221,10 @@ def test_tensorrt_plan_config(tmp_path):
     b = _bundle(tmp_path, "trt", ShapeSpec.dynamic([_profile(1, 8, 32)]), backend="tensorrt", meta=meta)
     target = export_triton_repository(b, tmp_path / "repo")  # integrity checked; runnable here or not
     assert os.listdir(os.path.join(target, "1")) == ["model.plan"]
-    assert open(os.path.join(target, "1", "model.plan"), "rb").read() == open(
-        os.path.join(b, load_manifest(b).primary.file), "rb").read()
+    assert (
+        open(os.path.join(target, "1", "model.plan"), "rb").read()
+        == open(os.path.join(b, load_manifest(b).primary.file), "rb").read()
+    )
     text = open(os.path.join(target, "config.pbtxt")).read()
     assert "TensorRT 10.16.0 for NVIDIA L4" in text
     cfg = parse_pbtxt(text)
@@ -224,8 +242,24 @@ def test_tensorrt_plan_config(tmp_path):
 
 def test_triton_cli(tmp_path, capsys):
     b = _bundle(tmp_path, "cli", ShapeSpec.dynamic([_profile(1, 4, 16)]))
-    rc = main(["triton", "--bundle", b, "--out", str(tmp_path / "repo"), "--model-name", "fixres_cls",
-               "--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--kind", "KIND_GPU", "--json"])
+    rc = main(
+        [
+            "triton",
+            "--bundle",
+            b,
+            "--out",
+            str(tmp_path / "repo"),
+            "--model-name",
+            "fixres_cls",
+            "--max-batch-size",
+            "8",
+            "--preferred-batch-sizes",
+            "4,8",
+            "--kind",
+            "KIND_GPU",
+            "--json",
+        ]
+    )
     assert rc == 0
     target = json.loads(capsys.readouterr().out)["model_dir"]
     cfg = parse_pbtxt(open(os.path.join(target, "config.pbtxt")).read())

@@ -72,8 +72,22 @@ def install_bindings(major: int) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=site.parent))
     except OSError as exc:
         pytest.skip(f"cannot write the bindings cache {site.parent} ({exc}); set FIXRES_TRT_BINDINGS_CACHE")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
-           "--retries", "1", "--timeout", "30", "--target", str(tmp), f"{package}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--retries",
+        "1",
+        "--timeout",
+        "30",
+        "--target",
+        str(tmp),
+        f"{package}=={version}",
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -194,9 +208,12 @@ def cudart_requirements() -> tuple[set[str], list[dict]]:
                     chains.add(".".join(rest))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 v = node.func.value
-                if (isinstance(v, ast.Name) and v.id == "cudart") or (isinstance(v, ast.Attribute) and v.attr == "_cudart"):
-                    calls.append({"name": node.func.attr, "npos": len(node.args), "line": node.lineno,
-                                  "file": src.name})
+                if (isinstance(v, ast.Name) and v.id == "cudart") or (
+                    isinstance(v, ast.Attribute) and v.attr == "_cudart"
+                ):
+                    calls.append(
+                        {"name": node.func.attr, "npos": len(node.args), "line": node.lineno, "file": src.name}
+                    )
     # drop prefixes of longer chains (cudaMemcpyKind when cudaMemcpyKind.cudaMemcpyHostToDevice is there)
     full = {c for c in chains if not any(o != c and o.startswith(c + ".") for o in chains)}
     return full, calls
@@ -217,17 +234,24 @@ def requirements(backend):
 @pytest.fixture(scope="module")
 def probe_inputs(tmp_path_factory):
     """A real (tiny) ONNX classifier and a dummy plan file for the backend calls in the probe."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
 
     root = tmp_path_factory.mktemp("trt_probe")
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["logits"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [w],
+    )
     onnx_path = root / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), onnx_path)
     plan = root / "dummy.plan"
@@ -242,13 +266,23 @@ def reports(requirements, backend, probe_inputs, tmp_path_factory):
     for major in sorted(WHEELS):
         site = install_bindings(major)
         libs = build_stubs(major)
-        request = {**requirements, **probe_inputs, "site": str(site), "stub_libs": libs,
-                   "members": [list(m) for m in requirements["members"]]}
+        request = {
+            **requirements,
+            **probe_inputs,
+            "site": str(site),
+            "stub_libs": libs,
+            "members": [list(m) for m in requirements["members"]],
+        }
         req_path = tmp_path_factory.mktemp(f"trt{major}") / "request.json"
         req_path.write_text(json.dumps(request))
-        env = {**os.environ, "FIXRES_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        res = subprocess.run([sys.executable, str(PROBE), str(req_path)], capture_output=True, text=True,
-                             timeout=300, env=env)
+        env = {
+            **os.environ,
+            "FIXRES_NO_PROGRESS": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        res = subprocess.run(
+            [sys.executable, str(PROBE), str(req_path)], capture_output=True, text=True, timeout=300, env=env
+        )
         assert res.returncode == 0, f"probe for TensorRT {major} crashed (rc {res.returncode}): {res.stderr[-2000:]}"
         report = json.loads(res.stdout.strip().splitlines()[-1])
         assert "fatal" not in report, report.get("fatal")
@@ -262,21 +296,45 @@ def reports(requirements, backend, probe_inputs, tmp_path_factory):
 def test_ast_sees_the_backend(requirements, backend):
     """The extractor is not vacuous: names we know the backend uses are in the derived list."""
     chains = set(requirements["chains"])
-    assert {"BuilderFlag.FP16", "MemoryPoolType.WORKSPACE", "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-            "LayerInformationFormat.JSON", "ProfilingVerbosity.DETAILED", "TensorIOMode.INPUT",
-            "HardwareCompatibilityLevel.AMPERE_PLUS", "Builder", "OnnxParser", "Runtime", "ILogger"} <= chains
+    assert {
+        "BuilderFlag.FP16",
+        "MemoryPoolType.WORKSPACE",
+        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+        "LayerInformationFormat.JSON",
+        "ProfilingVerbosity.DETAILED",
+        "TensorIOMode.INPUT",
+        "HardwareCompatibilityLevel.AMPERE_PLUS",
+        "Builder",
+        "OnnxParser",
+        "Runtime",
+        "ILogger",
+    } <= chains
     methods = {(o, m) for o, m, _ in requirements["members"]}
-    assert {("Builder", "build_serialized_network"), ("Builder", "create_network"),
-            ("IBuilderConfig", "set_memory_pool_limit"), ("IBuilderConfig", "set_timing_cache"),
-            ("IBuilderConfig", "create_timing_cache"), ("IOptimizationProfile", "set_shape"),
-            ("OnnxParser", "parse_from_file"), ("ParserError", "node"), ("Runtime", "deserialize_cuda_engine"),
-            ("ICudaEngine", "create_execution_context"), ("ICudaEngine", "create_engine_inspector"),
-            ("EngineInspector", "get_engine_information"), ("IExecutionContext", "execute_async_v3"),
-            ("IExecutionContext", "set_optimization_profile_async"), ("IExecutionContext", "set_input_shape"),
-            ("IExecutionContext", "set_tensor_address"), ("ITimingCache", "serialize")} <= methods
+    assert {
+        ("Builder", "build_serialized_network"),
+        ("Builder", "create_network"),
+        ("IBuilderConfig", "set_memory_pool_limit"),
+        ("IBuilderConfig", "set_timing_cache"),
+        ("IBuilderConfig", "create_timing_cache"),
+        ("IOptimizationProfile", "set_shape"),
+        ("OnnxParser", "parse_from_file"),
+        ("ParserError", "node"),
+        ("Runtime", "deserialize_cuda_engine"),
+        ("ICudaEngine", "create_execution_context"),
+        ("ICudaEngine", "create_engine_inspector"),
+        ("EngineInspector", "get_engine_information"),
+        ("IExecutionContext", "execute_async_v3"),
+        ("IExecutionContext", "set_optimization_profile_async"),
+        ("IExecutionContext", "set_input_shape"),
+        ("IExecutionContext", "set_tensor_address"),
+        ("ITimingCache", "serialize"),
+    } <= methods
     stores = {(o, m) for o, m, ctx in requirements["members"] if ctx == "store"}
-    assert {("IBuilderConfig", "builder_optimization_level"), ("IBuilderConfig", "hardware_compatibility_level"),
-            ("IBuilderConfig", "profiling_verbosity")} <= stores
+    assert {
+        ("IBuilderConfig", "builder_optimization_level"),
+        ("IBuilderConfig", "hardware_compatibility_level"),
+        ("IBuilderConfig", "profiling_verbosity"),
+    } <= stores
     kw_calls = {(c["owner"], c["name"], tuple(c["kws"])) for c in requirements["calls"] if c["kws"]}
     assert ("IOptimizationProfile", "set_shape", ("min", "opt", "max")) in kw_calls
     assert ("IBuilderConfig", "set_timing_cache", ("ignore_mismatch",)) in kw_calls
@@ -307,7 +365,8 @@ def test_every_name_the_backend_uses_exists(reports, requirements, backend, majo
     assert not missing, f"TensorRT {WHEELS[major][1]} lacks trt.{missing}"
     for name, versions in gated.items():
         assert api["chains"][name] is (major in versions), (
-            f"VERSION_GATED says {name} exists in {versions}; TensorRT {WHEELS[major][1]} disagrees")
+            f"VERSION_GATED says {name} exists in {versions}; TensorRT {WHEELS[major][1]} disagrees"
+        )
     bad = {k: v for k, v in api["members"].items() if v != "ok"}
     assert not bad, f"TensorRT {WHEELS[major][1]}: {bad}"
     assert len(api["chains"]) == len(requirements["chains"])
@@ -338,8 +397,11 @@ def test_precision_gates_with_the_real_module(reports, major):
             assert "no BuilderFlag.FP16" in b[key]["message"] and "11" in b[key]["message"]
     assert b["fp16_flags_default"] == {"ok": True, "value": []}
     assert b["legacy_int8"]["ok"] is False and "fp16 builds only" in b["legacy_int8"]["message"]
-    assert b["hardware_levels"] == {"none": "NONE", "ampere_plus": "AMPERE_PLUS",
-                                    "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+    assert b["hardware_levels"] == {
+        "none": "NONE",
+        "ampere_plus": "AMPERE_PLUS",
+        "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
+    }
     assert b["hardware_bad"]["type"] == "UserInputError"
     assert b["nptype"] == {"FLOAT": "float32", "HALF": "float16"}
     assert b["logger"] == {"is_ilogger": True, "errors": ["probe error message"]}
@@ -355,7 +417,9 @@ def test_backend_fails_cleanly_without_a_gpu(reports, major):
     assert cr["ok"] is False and cr["type"] == "EngineLoadError" and "could not create a runtime" in cr["message"]
     # Without a GPU the device check fails first; with one, the stub's NULL builder/runtime does.
     gpu = b["cuda_device"]
-    build_error, build_msg = ("EngineBuildError", "could not create a builder") if gpu else ("CudaError", "no usable CUDA device")
+    build_error, build_msg = (
+        ("EngineBuildError", "could not create a builder") if gpu else ("CudaError", "no usable CUDA device")
+    )
     build = b["build_fp32"]
     assert build["ok"] is True, build  # a recorded failure, not an exception
     art = build["value"]
@@ -368,7 +432,9 @@ def test_backend_fails_cleanly_without_a_gpu(reports, major):
     else:  # refused before any device work
         assert legacy["ok"] is False and legacy["type"] == "UserInputError"
     act = b["runner_activate"]
-    run_error, run_msg = ("EngineLoadError", "could not create a runtime") if gpu else ("CudaError", "no usable CUDA device")
+    run_error, run_msg = (
+        ("EngineLoadError", "could not create a runtime") if gpu else ("CudaError", "no usable CUDA device")
+    )
     assert act["ok"] is False and act["type"] == run_error and run_msg in act["message"]
     assert b["runner_active_after_failure"] is False
 
@@ -376,8 +442,14 @@ def test_backend_fails_cleanly_without_a_gpu(reports, major):
 def test_cuda_python_names_exist():
     cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda.bindings) not installed")
     chains, calls = cudart_requirements()
-    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamBeginCapture", "cudaGraphInstantiate",
-            "cudaGetDeviceProperties", "cudaMemcpyKind.cudaMemcpyHostToDevice"} <= chains
+    assert {
+        "cudaMalloc",
+        "cudaMemcpyAsync",
+        "cudaStreamBeginCapture",
+        "cudaGraphInstantiate",
+        "cudaGetDeviceProperties",
+        "cudaMemcpyKind.cudaMemcpyHostToDevice",
+    } <= chains
     missing = []
     for chain in sorted(chains):
         obj = cudart
@@ -394,7 +466,9 @@ def test_cuda_python_names_exist():
         inside = doc[doc.index("(") + 1 : doc.rindex(")")]
         n = len([p for p in inside.split(",") if p.strip()])
         if n != call["npos"]:
-            problems.append(f"{call['file']}:{call['line']} {call['name']} takes {n}, called with {call['npos']}: {doc}")
+            problems.append(
+                f"{call['file']}:{call['line']} {call['name']} takes {n}, called with {call['npos']}: {doc}"
+            )
     assert not problems, "\n".join(problems)
 
 

@@ -46,54 +46,77 @@ def main() -> int:
 
     import torch
 
-    from fixres_deploy.data import index_image_folder, split_by_hash
-    from fixres_deploy.finetune import FinetuneOptions, finetune_resolutions, fixres_finetune
-    from fixres_deploy.models import load_model
-    from fixres_deploy.preprocess import resolve_preprocess
-    from fixres_deploy.sysload import LoadMonitor
-    from fixres_deploy.train import TrainOptions, train_and_save
-    from fixres_deploy.utils import parse_int_list, write_json
+    from fixres_deploy.core.preprocess import resolve_preprocess
+    from fixres_deploy.core.utils import parse_int_list, write_json
+    from fixres_deploy.data.folders import index_image_folder, split_by_hash
+    from fixres_deploy.fixres.finetune import FinetuneOptions, finetune_resolutions, fixres_finetune
+    from fixres_deploy.measure.sysload import LoadMonitor
+    from fixres_deploy.models.registry import load_model
+    from fixres_deploy.models.train import TrainOptions, train_and_save
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     index = index_image_folder(args.data)
     train_index, val_index = split_by_hash(index, args.val_fraction)
-    print(f"# FixRes on {args.data}\n\n{len(train_index)} train / {len(val_index)} held-out images "
-          f"(file-name hash split, fraction {args.val_fraction}), {len(index.classes)} classes\n")
+    print(
+        f"# FixRes on {args.data}\n\n{len(train_index)} train / {len(val_index)} held-out images "
+        f"(file-name hash split, fraction {args.val_fraction}), {len(index.classes)} classes\n"
+    )
     ckpt = os.path.join(args.out, f"base_r{args.train_res}.pt")
     results: dict = {"args": vars(args), "n_train": len(train_index), "n_val": len(val_index)}
     if not os.path.exists(ckpt):
         t0 = time.perf_counter()
-        summary = train_and_save(args.model, train_index, ckpt, TrainOptions(
-            train_res=args.train_res, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            channels_last=True))
-        results["train"] = {"seconds": time.perf_counter() - t0, "images_per_s": summary["images_per_s"],
-                            "last_epoch": summary["history"][-1]}
-        print(f"trained {args.model} at {args.train_res} px for {args.epochs} epochs in "
-              f"{results['train']['seconds'] / 60:.1f} min ({summary['images_per_s']:.0f} img/s)\n")
+        summary = train_and_save(
+            args.model,
+            train_index,
+            ckpt,
+            TrainOptions(
+                train_res=args.train_res, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, channels_last=True
+            ),
+        )
+        results["train"] = {
+            "seconds": time.perf_counter() - t0,
+            "images_per_s": summary["images_per_s"],
+            "last_epoch": summary["history"][-1],
+        }
+        print(
+            f"trained {args.model} at {args.train_res} px for {args.epochs} epochs in "
+            f"{results['train']['seconds'] / 60:.1f} min ({summary['images_per_s']:.0f} img/s)\n"
+        )
     loaded = load_model(None, checkpoint=ckpt)
     cfg = resolve_preprocess(loaded.preprocess, test_input_size=args.train_res)
     opts = FinetuneOptions(epochs=args.ft_epochs, augmentation=args.augmentation)
 
     if not args.skip_table:
-        rows = finetune_resolutions(loaded, train_index, val_index, cfg, parse_int_list(args.resolutions),
-                                    out_dir=os.path.join(args.out, "finetuned"), opts=opts)
+        rows = finetune_resolutions(
+            loaded,
+            train_index,
+            val_index,
+            cfg,
+            parse_int_list(args.resolutions),
+            out_dir=os.path.join(args.out, "finetuned"),
+            opts=opts,
+        )
         results["table"] = [r.to_dict() for r in rows]
         base = next((r.top1_before for r in rows if r.resolution == args.train_res), None)
         print("| test res | top-1 no fine-tune [95% CI] | top-1 FixRes [95% CI] | Δ vs train res |")
         print("|---:|---|---|---:|")
         for r in rows:
             delta = f"{(r.top1_after - base) * 100:+.1f} pts" if base is not None else ""
-            print(f"| {r.resolution} | {r.top1_before * 100:.1f} [{r.top1_before_ci[0] * 100:.1f}, "
-                  f"{r.top1_before_ci[1] * 100:.1f}] | {r.top1_after * 100:.1f} [{r.top1_after_ci[0] * 100:.1f}, "
-                  f"{r.top1_after_ci[1] * 100:.1f}] | {delta} |")
-        print(f"\nfine-tune: {args.ft_epochs} epochs, {args.augmentation} DA, classifier + "
-              f"{rows[0].finetune['fixres_modules']['bn_names']} (n = {rows[0].n} held-out images)\n")
+            print(
+                f"| {r.resolution} | {r.top1_before * 100:.1f} [{r.top1_before_ci[0] * 100:.1f}, "
+                f"{r.top1_before_ci[1] * 100:.1f}] | {r.top1_after * 100:.1f} [{r.top1_after_ci[0] * 100:.1f}, "
+                f"{r.top1_after_ci[1] * 100:.1f}] | {delta} |"
+            )
+        print(
+            f"\nfine-tune: {args.ft_epochs} epochs, {args.augmentation} DA, classifier + "
+            f"{rows[0].finetune['fixres_modules']['bn_names']} (n = {rows[0].n} held-out images)\n"
+        )
 
     if not args.skip_speed:
         import copy
 
-        from fixres_deploy.data import class_balanced_subset
+        from fixres_deploy.data.folders import class_balanced_subset
 
         sub = class_balanced_subset(train_index, max(1, args.speed_limit // len(index.classes)))
         speed_cfg = cfg.at_resolution(args.speed_res)
@@ -103,17 +126,30 @@ def main() -> int:
             for mode in ("naive", "cached"):  # interleaved, so drift hits both
                 model = copy.deepcopy(loaded.model)
                 with LoadMonitor() as mon:
-                    stats = fixres_finetune(model, sub, speed_cfg, FinetuneOptions(
-                        epochs=args.ft_epochs, cache=(mode == "cached"), final_bn_pass=True))
+                    stats = fixres_finetune(
+                        model,
+                        sub,
+                        speed_cfg,
+                        FinetuneOptions(epochs=args.ft_epochs, cache=(mode == "cached"), final_bn_pass=True),
+                    )
                 loads.append(mon.result().get("other_cores_busy"))
                 assert stats.mode == mode, stats.mode
                 timings[mode].append(stats.total_s)
-                print(f"  repeat {rep + 1} {mode}: {stats.total_s:.1f} s "
-                      f"(cache build {stats.cache_build_s:.1f} s, train {stats.train_s:.1f} s)", flush=True)
+                print(
+                    f"  repeat {rep + 1} {mode}: {stats.total_s:.1f} s "
+                    f"(cache build {stats.cache_build_s:.1f} s, train {stats.train_s:.1f} s)",
+                    flush=True,
+                )
         med = {k: statistics.median(v) for k, v in timings.items()}
-        results["speed"] = {"resolution": args.speed_res, "images": len(sub), "epochs": args.ft_epochs,
-                            "seconds": timings, "median_s": med, "speedup": med["naive"] / med["cached"],
-                            "other_load_cores": loads}
+        results["speed"] = {
+            "resolution": args.speed_res,
+            "images": len(sub),
+            "epochs": args.ft_epochs,
+            "seconds": timings,
+            "median_s": med,
+            "speedup": med["naive"] / med["cached"],
+            "other_load_cores": loads,
+        }
         print(f"\n| fine-tune @{args.speed_res}, {len(sub)} images, {args.ft_epochs} epochs | median s |")
         print("|---|---:|")
         print(f"| naive loop | {med['naive']:.1f} |\n| activation cache | {med['cached']:.1f} |")

@@ -39,18 +39,27 @@ def main() -> int:
     p.add_argument("--target-batch", type=int, default=1)
     args = p.parse_args()
 
-    from fixres_deploy.pipeline import PipelineConfig, run_pipeline
-    from fixres_deploy.report import build_report
-    from fixres_deploy.select import SelectionConfig
-    from fixres_deploy.sweep import SweepConfig, SweepResult
-    from fixres_deploy.utils import parse_int_list, write_json
+    from fixres_deploy.choose.report import build_report
+    from fixres_deploy.choose.select import SelectionConfig
+    from fixres_deploy.core.utils import parse_int_list, write_json
+    from fixres_deploy.sweep.pipeline import PipelineConfig, run_pipeline
+    from fixres_deploy.sweep.sweep import SweepConfig, SweepResult
 
     sweep_cfg = SweepConfig(
-        checkpoint=args.checkpoint, train_data=args.data, eval_data=None, val_fraction=args.val_fraction,
-        train_res=args.train_res, resolutions=parse_int_list(args.resolutions),
-        precisions=args.precisions.split(","), batch_sizes=parse_int_list(args.batch_sizes),
-        shape_modes=args.shape_modes.split(","), finetune_epochs=args.finetune_epochs, eval_limit=args.eval_limit,
-        latency=args.latency, threads=args.threads, exporter="dynamo",
+        checkpoint=args.checkpoint,
+        train_data=args.data,
+        eval_data=None,
+        val_fraction=args.val_fraction,
+        train_res=args.train_res,
+        resolutions=parse_int_list(args.resolutions),
+        precisions=args.precisions.split(","),
+        batch_sizes=parse_int_list(args.batch_sizes),
+        shape_modes=args.shape_modes.split(","),
+        finetune_epochs=args.finetune_epochs,
+        eval_limit=args.eval_limit,
+        latency=args.latency,
+        threads=args.threads,
+        exporter="dynamo",
     )
     select = SelectionConfig(batch_size=args.target_batch)
     pc = PipelineConfig(sweep=sweep_cfg, select=select, out=args.out, bundle=True, triton=True)
@@ -59,8 +68,11 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = run_pipeline(pc)
         runs.append({"run": attempt, "seconds": time.perf_counter() - t0, "store": summary["store"]})
-        print(f"{attempt} run: {runs[-1]['seconds']:.1f} s (store: {summary['store']['hits']} reused, "
-              f"{summary['store']['misses']} computed)", flush=True)
+        print(
+            f"{attempt} run: {runs[-1]['seconds']:.1f} s (store: {summary['store']['hits']} reused, "
+            f"{summary['store']['misses']} computed)",
+            flush=True,
+        )
     ratio = runs[1]["seconds"] / runs[0]["seconds"]
     sweep = SweepResult.load(os.path.join(args.out, "sweep.json"))
     ok = [pt for pt in sweep.points if pt.ok and pt.batch_size == args.target_batch]
@@ -73,29 +85,50 @@ def main() -> int:
     for b in budgets:
         rep = build_report(sweep, SelectionConfig(batch_size=args.target_batch, latency_budget_ms=b))
         pt = sweep.points[rep["selected"]]
-        choices.append({"budget_ms": b, "selected": rep["selected"], "label": pt.label, "top1": pt.top1,
-                        "top1_ci": pt.top1_ci, "latency_p50_ms": pt.latency_p50_ms, "reason": rep["reason"]})
+        choices.append(
+            {
+                "budget_ms": b,
+                "selected": rep["selected"],
+                "label": pt.label,
+                "top1": pt.top1,
+                "top1_ci": pt.top1_ci,
+                "latency_p50_ms": pt.latency_p50_ms,
+                "reason": rep["reason"],
+            }
+        )
     rep = build_report(sweep, select)
-    print(f"\n## Sweep on {args.data}: {len(sweep.points)} points, {sum(1 for q in sweep.points if q.ok)} measured, "
-          f"{len(sweep.failures)} failures\n")
-    print(f"first run {runs[0]['seconds'] / 60:.1f} min; re-run from the store {runs[1]['seconds']:.1f} s "
-          f"= {ratio * 100:.1f}% of the first\n")
+    print(
+        f"\n## Sweep on {args.data}: {len(sweep.points)} points, {sum(1 for q in sweep.points if q.ok)} measured, "
+        f"{len(sweep.failures)} failures\n"
+    )
+    print(
+        f"first run {runs[0]['seconds'] / 60:.1f} min; re-run from the store {runs[1]['seconds']:.1f} s "
+        f"= {ratio * 100:.1f}% of the first\n"
+    )
     g, s = rep["iso_latency_gain"], rep["iso_accuracy_speedup"]
     if g:
-        print(f"iso-latency accuracy gain (batch {args.target_batch}): {g['value'] * 100:+.1f} pts "
-              f"(95% CI {g['ci'][0] * 100:+.1f} to {g['ci'][1] * 100:+.1f}) via {g['label']}")
+        print(
+            f"iso-latency accuracy gain (batch {args.target_batch}): {g['value'] * 100:+.1f} pts "
+            f"(95% CI {g['ci'][0] * 100:+.1f} to {g['ci'][1] * 100:+.1f}) via {g['label']}"
+        )
     if s:
-        print(f"iso-accuracy speedup (batch {args.target_batch}): {s['value']:.2f}x "
-              f"({s['ci'][0]:.2f}-{s['ci'][1]:.2f}) via {s['label']}\n")
+        print(
+            f"iso-accuracy speedup (batch {args.target_batch}): {s['value']:.2f}x "
+            f"({s['ci'][0]:.2f}-{s['ci'][1]:.2f}) via {s['label']}\n"
+        )
     print("| latency budget (p50, batch %d) | selected | top-1 %% [95%% CI] | p50 ms |" % args.target_batch)
     print("|---:|---|---|---:|")
     for c in choices:
-        print(f"| {c['budget_ms']:.2f} ms | {c['label']} | {c['top1'] * 100:.1f} [{c['top1_ci'][0] * 100:.1f}, "
-              f"{c['top1_ci'][1] * 100:.1f}] | {c['latency_p50_ms']:.2f} |")
+        print(
+            f"| {c['budget_ms']:.2f} ms | {c['label']} | {c['top1'] * 100:.1f} [{c['top1_ci'][0] * 100:.1f}, "
+            f"{c['top1_ci'][1] * 100:.1f}] | {c['latency_p50_ms']:.2f} |"
+        )
     for c in choices:
         print(f"\n- budget {c['budget_ms']:.2f} ms: {c['reason']}")
-    write_json(os.path.join(args.out, "bench_sweep.json"), {"runs": runs, "rerun_ratio": ratio, "choices": choices,
-                                                             "iso_latency_gain": g, "iso_accuracy_speedup": s})
+    write_json(
+        os.path.join(args.out, "bench_sweep.json"),
+        {"runs": runs, "rerun_ratio": ratio, "choices": choices, "iso_latency_gain": g, "iso_accuracy_speedup": s},
+    )
     return 0
 
 

@@ -38,8 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _percentiles(times_s: list[float]) -> dict:
     ms = np.asarray(times_s) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "min_ms": float(ms.min()), "iters": int(len(ms))}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "min_ms": float(ms.min()),
+        "iters": len(ms),
+    }
 
 
 def time_fn(fn, *, warmup: int, iters: int, sync=None) -> dict:
@@ -61,8 +65,11 @@ def agreement(y: np.ndarray, ref: np.ndarray) -> dict:
     y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
     scale = float(np.abs(ref).max()) or 1.0
     cos = (y * ref).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
-    return {"max_rel_err": float(np.abs(y - ref).max() / scale), "min_cosine": float(cos.min()),
-            "top1_agree": float((y.argmax(1) == ref.argmax(1)).mean())}
+    return {
+        "max_rel_err": float(np.abs(y - ref).max() / scale),
+        "min_cosine": float(cos.min()),
+        "top1_agree": float((y.argmax(1) == ref.argmax(1)).mean()),
+    }
 
 
 class Skip(Exception):
@@ -79,7 +86,7 @@ class Check:
         self.env: dict = {}
 
     def section(self, name: str, fn) -> None:
-        from fixres_deploy.errors import MissingDependencyError
+        from fixres_deploy.core.errors import MissingDependencyError
 
         t0 = time.perf_counter()
         try:
@@ -96,17 +103,24 @@ class Check:
     def add(self, engine: str, res: int, batch: int, lat: dict, agree: dict | None = None, **extra) -> None:
         row = {"engine": engine, "resolution": res, "batch": batch, **lat, **(agree or {}), **extra}
         self.rows.append(row)
-        print(f"  {engine:<34} {res:>4} b{batch:<3} p50 {lat['p50_ms']:8.3f} ms"
-              + (f"  top1 {agree['top1_agree']:.3f} rel {agree['max_rel_err']:.1e}" if agree else ""), file=sys.stderr)
+        print(
+            f"  {engine:<34} {res:>4} b{batch:<3} p50 {lat['p50_ms']:8.3f} ms"
+            + (f"  top1 {agree['top1_agree']:.3f} rel {agree['max_rel_err']:.1e}" if agree else ""),
+            file=sys.stderr,
+        )
 
     def table(self) -> str:
-        lines = [f"{'engine':<34} {'res':>4} {'batch':>5} {'p50_ms':>9} {'p90_ms':>9} {'img/s':>9} {'top1':>6} {'rel_err':>8}"]
+        lines = [
+            f"{'engine':<34} {'res':>4} {'batch':>5} {'p50_ms':>9} {'p90_ms':>9} {'img/s':>9} {'top1':>6} {'rel_err':>8}"
+        ]
         for r in self.rows:
             ips = r["batch"] / (r["p50_ms"] / 1e3) if r["p50_ms"] > 0 else float("nan")
             top1 = f"{r['top1_agree']:.3f}" if "top1_agree" in r else "-"
             rel = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
-            lines.append(f"{r['engine']:<34} {r['resolution']:>4} {r['batch']:>5} {r['p50_ms']:>9.3f} "
-                         f"{r['p90_ms']:>9.3f} {ips:>9.1f} {top1:>6} {rel:>8}")
+            lines.append(
+                f"{r['engine']:<34} {r['resolution']:>4} {r['batch']:>5} {r['p50_ms']:>9.3f} "
+                f"{r['p90_ms']:>9.3f} {ips:>9.1f} {top1:>6} {rel:>8}"
+            )
         for k, v in self.skipped.items():
             lines.append(f"skipped {k}: {v}")
         for k, v in self.errors.items():
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fixres_deploy.models import build_model, load_model
+    from fixres_deploy.models.registry import build_model, load_model
 
     chk = Check()
     chk.env = environment()
@@ -221,12 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         model.to("cpu")
 
     def export():
-        from fixres_deploy.export import export_onnx
-        from fixres_deploy.preprocess import PreprocessConfig
+        from fixres_deploy.core.preprocess import PreprocessConfig
+        from fixres_deploy.export.onnx_export import export_onnx
 
-        res = export_onnx(model.to("cpu"), onnx_path, PreprocessConfig(resolutions[len(resolutions) // 2]),
-                          dynamic=True, exporter="torchscript" if args.quick else "auto", tolerance=None,
-                          write_sidecar=False)
+        res = export_onnx(
+            model.to("cpu"),
+            onnx_path,
+            PreprocessConfig(resolutions[len(resolutions) // 2]),
+            dynamic=True,
+            exporter="torchscript" if args.quick else "auto",
+            tolerance=None,
+            write_sidecar=False,
+        )
         chk.env["export"] = {"exporter": res.exporter, "export_s": res.export_s, "fallback": res.fallback_reason}
 
     def run_artifact(label: str, art, **runner_options):
@@ -249,13 +269,24 @@ def main(argv: list[str] | None = None) -> int:
         from fixres_deploy.backends import BuildOptions, ShapeSpec, build_engine
 
         shapes = ShapeSpec.resolution_bands(resolutions, max_batch=max(batches))
-        art = build_engine("onnxruntime", onnx_path, shapes, BuildOptions(save_optimized=False),
-                           out_dir=os.path.join(work, "ort"), name="ort_cpu")
+        art = build_engine(
+            "onnxruntime",
+            onnx_path,
+            shapes,
+            BuildOptions(save_optimized=False),
+            out_dir=os.path.join(work, "ort"),
+            name="ort_cpu",
+        )
         run_artifact("ort-cpu-fp32", art)
         if "CUDAExecutionProvider" in chk.env.get("ort_providers", []):
-            art = build_engine("onnxruntime", onnx_path, shapes,
-                               BuildOptions(providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                            save_optimized=False), out_dir=os.path.join(work, "ort"), name="ort_cuda")
+            art = build_engine(
+                "onnxruntime",
+                onnx_path,
+                shapes,
+                BuildOptions(providers=["CUDAExecutionProvider", "CPUExecutionProvider"], save_optimized=False),
+                out_dir=os.path.join(work, "ort"),
+                name="ort_cuda",
+            )
             run_artifact("ort-cuda-fp32", art)
         else:
             chk.env["ort_cuda"] = "CUDAExecutionProvider not available (needs onnxruntime-gpu)"
@@ -273,21 +304,32 @@ def main(argv: list[str] | None = None) -> int:
         shapes = ShapeSpec.resolution_bands(resolutions, max_batch=max(batches), opt_batch=batches[0])
         fp16_src, fp16_opts = onnx_path, BuildOptions(**base, legacy_fp16_flag=True)
         if trt_major(trt) >= 11:  # no FP16 flag: build from an fp16 graph
-            from fixres_deploy.precision import make_precision_variant
+            from fixres_deploy.precision.variants import make_precision_variant
 
             fp16_src = make_precision_variant(onnx_path, "fp16", os.path.join(work, "model.fp16.onnx")).path
             fp16_opts = BuildOptions(**base)
         art32 = build_engine("tensorrt", onnx_path, shapes, BuildOptions(**base), out_dir=out, name="trt_fp32_dyn")
-        chk.env["trt_fp32_meta"] = {k: art32.meta.get(k) for k in ("gpu", "strongly_typed", "num_layers", "timing_cache")}
+        chk.env["trt_fp32_meta"] = {
+            k: art32.meta.get(k) for k in ("gpu", "strongly_typed", "num_layers", "timing_cache")
+        }
         run_artifact("trt-fp32-dynamic", art32)
-        art16 = build_engine("tensorrt", fp16_src, shapes, fp16_opts, out_dir=out, name="trt_fp16_dyn", precision="fp16")
+        art16 = build_engine(
+            "tensorrt", fp16_src, shapes, fp16_opts, out_dir=out, name="trt_fp16_dyn", precision="fp16"
+        )
         run_artifact("trt-fp16-dynamic", art16)
         run_artifact("trt-fp16-dynamic-cudagraph", art16, cuda_graph=True)
         if not args.no_fixed:
             mid = resolutions[len(resolutions) // 2]
             for b in batches:
-                art = build_engine("tensorrt", fp16_src, ShapeSpec.fixed(b, mid), fp16_opts, out_dir=out,
-                                   name=f"trt_fp16_r{mid}_b{b}", precision="fp16")
+                art = build_engine(
+                    "tensorrt",
+                    fp16_src,
+                    ShapeSpec.fixed(b, mid),
+                    fp16_opts,
+                    out_dir=out,
+                    name=f"trt_fp16_r{mid}_b{b}",
+                    precision="fp16",
+                )
                 run_artifact("trt-fp16-fixed", art)
                 run_artifact("trt-fp16-fixed-cudagraph", art, cuda_graph=True)
 
@@ -304,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "gpu_check.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"env": chk.env, "rows": chk.rows, "errors": chk.errors, "skipped": chk.skipped,
-                       "args": vars(args)}, f, indent=1,
-                      default=str)
+            json.dump(
+                {"env": chk.env, "rows": chk.rows, "errors": chk.errors, "skipped": chk.skipped, "args": vars(args)},
+                f,
+                indent=1,
+                default=str,
+            )
         print(f"wrote {path}")
     return 0 if chk.rows else 1
 

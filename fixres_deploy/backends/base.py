@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from fixres_deploy.errors import FixResError, UserInputError
+from fixres_deploy.core.errors import FixResError, UserInputError
 
 # backend name -> module implementing `build_impl(onnx_path, shapes, options, out_dir)` and
 # `runner_from_artifact(artifact, **options)`.
@@ -99,8 +100,11 @@ class ShapeSpec:
         profiles = []
         for g in groups:
             mid = g[len(g) // 2]
-            profiles.append(ShapeProfile((1, channels, g[0], g[0]), (opt_batch, channels, mid, mid),
-                                         (max_batch, channels, g[-1], g[-1])))
+            profiles.append(
+                ShapeProfile(
+                    (1, channels, g[0], g[0]), (opt_batch, channels, mid, mid), (max_batch, channels, g[-1], g[-1])
+                )
+            )
         return cls("dynamic", tuple(profiles))
 
     def check(self, shape: Sequence[int]) -> int:
@@ -108,8 +112,9 @@ class ShapeSpec:
         for i, p in enumerate(self.profiles):
             if p.contains(shape):
                 return i
-        desc = "; ".join(f"profile {i}: min {list(p.min)} opt {list(p.opt)} max {list(p.max)}"
-                         for i, p in enumerate(self.profiles))
+        desc = "; ".join(
+            f"profile {i}: min {list(p.min)} opt {list(p.opt)} max {list(p.max)}" for i, p in enumerate(self.profiles)
+        )
         raise ShapeError(
             f"input shape {list(shape)} is outside what this {self.mode}-shape engine was built for ({desc}). "
             "Rebuild with a profile that covers it (fixres-deploy build --dynamic / --resolutions / --max-batch)."
@@ -248,7 +253,9 @@ class Runner:
             raise UserInputError(f"{self.name} expects a feed dict with exactly {{'{self.input_name}'}}, got {got}")
         x = feed[self.input_name]
         if not isinstance(x, np.ndarray) or x.ndim != 4:
-            raise UserInputError(f"{self.name}: input must be a 4-D numpy array (N,C,H,W), got {getattr(x, 'shape', type(x))}")
+            raise UserInputError(
+                f"{self.name}: input must be a 4-D numpy array (N,C,H,W), got {getattr(x, 'shape', type(x))}"
+            )
         if x.dtype != np.float32:
             x = x.astype(np.float32)
         x = np.ascontiguousarray(x)
@@ -308,8 +315,9 @@ def build_engine(
     if not os.path.isfile(onnx_path):
         raise UserInputError(f"ONNX file '{onnx_path}' does not exist")
     module = _backend_module(backend)
-    return module.build_impl(onnx_path, shapes, options or BuildOptions(), out_dir=out_dir,
-                             precision=precision, name=name)
+    return module.build_impl(
+        onnx_path, shapes, options or BuildOptions(), out_dir=out_dir, precision=precision, name=name
+    )
 
 
 def load_runner(artifact: EngineArtifact | dict, **options: Any) -> Runner:
@@ -338,8 +346,16 @@ def error_artifact(
     """The record of a failed build: message and exception type, so a sweep can go on."""
     meta = dict(meta or {})
     meta["error_type"] = type(exc).__name__
-    return EngineArtifact(backend=backend, precision=precision, path=None, source_onnx=onnx_path,
-                          shapes=shapes, build_s=build_s, meta=meta, error=f"{type(exc).__name__}: {exc}")
+    return EngineArtifact(
+        backend=backend,
+        precision=precision,
+        path=None,
+        source_onnx=onnx_path,
+        shapes=shapes,
+        build_s=build_s,
+        meta=meta,
+        error=f"{type(exc).__name__}: {exc}",
+    )
 
 
 @dataclass(frozen=True)

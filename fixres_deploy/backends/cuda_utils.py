@@ -15,11 +15,12 @@ bindings without a GPU.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from fixres_deploy.errors import FixResError, require_any
+from fixres_deploy.core.errors import FixResError, require_any
 
 
 class CudaError(FixResError, RuntimeError):
@@ -32,8 +33,7 @@ def import_cudart(feature: str = "TensorRT engines"):
     cuda-python >= 12.6 moved the bindings to ``cuda.bindings``; older releases only have
     ``from cuda import cudart``.
     """
-    return require_any(("cuda.bindings.runtime", "cuda.cudart"), "gpu", feature,
-                       "cuda-python (CUDA runtime bindings)")
+    return require_any(("cuda.bindings.runtime", "cuda.cudart"), "gpu", feature, "cuda-python (CUDA runtime bindings)")
 
 
 def check(cudart, result: Any, what: str):
@@ -69,8 +69,10 @@ def ensure_device(cudart, device: int = 0) -> None:
     """Fail early and clearly when there is no usable GPU (instead of a TensorRT nullptr)."""
     err, count = cudart.cudaGetDeviceCount()
     if err != cudart.cudaError_t.cudaSuccess:
-        raise CudaError(f"no usable CUDA device: cudaGetDeviceCount failed with {error_text(cudart, err)}. "
-                        "TensorRT engines need an NVIDIA GPU with a working driver.")
+        raise CudaError(
+            f"no usable CUDA device: cudaGetDeviceCount failed with {error_text(cudart, err)}. "
+            "TensorRT engines need an NVIDIA GPU with a working driver."
+        )
     if count <= device:
         raise CudaError(f"CUDA device {device} requested but {count} device(s) present")
     check(cudart, cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
@@ -148,22 +150,31 @@ class Stream:
 
     def __init__(self, cudart):
         self._cudart = cudart
-        self.stream = check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-                            "cudaStreamCreateWithFlags")
+        self.stream = check(
+            cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+        )
 
     @property
     def handle(self) -> int:
         return int(self.stream)
 
     def copy_htod(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
-        check(self._cudart, self._cudart.cudaMemcpyAsync(
-            dst_ptr, src_ptr, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
-            "cudaMemcpyAsync host->device")
+        check(
+            self._cudart,
+            self._cudart.cudaMemcpyAsync(
+                dst_ptr, src_ptr, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            ),
+            "cudaMemcpyAsync host->device",
+        )
 
     def copy_dtoh(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
-        check(self._cudart, self._cudart.cudaMemcpyAsync(
-            dst_ptr, src_ptr, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-            "cudaMemcpyAsync device->host")
+        check(
+            self._cudart,
+            self._cudart.cudaMemcpyAsync(
+                dst_ptr, src_ptr, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            ),
+            "cudaMemcpyAsync device->host",
+        )
 
     def synchronize(self) -> None:
         check(self._cudart, self._cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -186,8 +197,11 @@ class CudaGraph:
         self._cudart = cudart
         self.graph = None
         self.graph_exec = None
-        check(cudart, cudart.cudaStreamBeginCapture(
-            stream.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
+        check(
+            cudart,
+            cudart.cudaStreamBeginCapture(stream.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
         try:
             launch_fn()
         finally:

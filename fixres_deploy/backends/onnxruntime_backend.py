@@ -7,7 +7,7 @@ the requested threads, graph optimization level and providers (this validates th
 measures the session start-up), and save ORT's optimized graph beside it for inspection.
 
 This module must not import torch: the production runtime loads it in a torch-free process.
-onnxruntime is imported lazily through ``fixres_deploy.errors.require``.
+onnxruntime is imported lazily through ``fixres_deploy.core.errors.require``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from fixres_deploy.backends.base import (
     check_onnx_accepts,
     error_artifact,
 )
-from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError, require
-from fixres_deploy.utils import atomic_path, sha256_file
+from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError, require
+from fixres_deploy.core.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,13 @@ def write_engine_onnx(src: str, dst: str, io: OnnxIO, shapes: ShapeSpec) -> bool
         try:
             onnx.save_model(model, tmp)
         except ValueError:  # > 2 GB protobuf limit: keep the weights in a data file beside it
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(dst) + ".data")
+            onnx.save_model(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=os.path.basename(dst) + ".data",
+            )
     return fixed
 
 
@@ -165,16 +170,22 @@ def build_impl(
         meta["fixed_shape_copy"] = write_engine_onnx(onnx_path, engine_path, io, shapes)
         if optimized_path:
             with atomic_path(optimized_path) as tmp_opt:
-                so = session_options(ort, threads=options.threads, graph_optimization=options.graph_optimization,
-                                     optimized_model_path=tmp_opt)
-                session = ort.InferenceSession(engine_path, sess_options=so, providers=providers,
-                                               provider_options=provider_options)
+                so = session_options(
+                    ort,
+                    threads=options.threads,
+                    graph_optimization=options.graph_optimization,
+                    optimized_model_path=tmp_opt,
+                )
+                session = ort.InferenceSession(
+                    engine_path, sess_options=so, providers=providers, provider_options=provider_options
+                )
                 if not os.path.exists(tmp_opt) or os.path.getsize(tmp_opt) == 0:
                     raise FixResError(f"ONNX Runtime did not write the optimized model to {tmp_opt}")
         else:
             so = session_options(ort, threads=options.threads, graph_optimization=options.graph_optimization)
-            session = ort.InferenceSession(engine_path, sess_options=so, providers=providers,
-                                           provider_options=provider_options)
+            session = ort.InferenceSession(
+                engine_path, sess_options=so, providers=providers, provider_options=provider_options
+            )
         meta["providers"] = session.get_providers()
         meta["input_type"] = session.get_inputs()[0].type
         meta["output_type"] = session.get_outputs()[0].type
@@ -186,12 +197,22 @@ def build_impl(
     build_s = time.perf_counter() - t0
     meta["optimized_model"] = optimized_path
     if optimized_path:
-        meta["optimized_model_note"] = ("ORT's optimized graph, for inspection: at level 'all' it may hold "
-                                         "hardware-specific nodes; the engine runs the .onnx")
+        meta["optimized_model_note"] = (
+            "ORT's optimized graph, for inspection: at level 'all' it may hold "
+            "hardware-specific nodes; the engine runs the .onnx"
+        )
     return EngineArtifact(
-        backend=BACKEND, precision=precision, path=engine_path, source_onnx=onnx_path, shapes=shapes,
-        input_name=io.input_name, output_name=io.output_name, build_s=build_s,
-        sha256=sha256_file(engine_path), size_bytes=os.path.getsize(engine_path), meta=meta,
+        backend=BACKEND,
+        precision=precision,
+        path=engine_path,
+        source_onnx=onnx_path,
+        shapes=shapes,
+        input_name=io.input_name,
+        output_name=io.output_name,
+        build_s=build_s,
+        sha256=sha256_file(engine_path),
+        size_bytes=os.path.getsize(engine_path),
+        meta=meta,
     )
 
 
@@ -245,8 +266,9 @@ class OnnxRuntimeRunner(Runner):
         ort = import_onnxruntime()
         providers, provider_options = resolve_providers(ort, self.providers, self.provider_options)
         so = session_options(ort, threads=self.threads, graph_optimization=self.graph_optimization)
-        self.session = ort.InferenceSession(self.onnx_path, sess_options=so, providers=providers,
-                                            provider_options=provider_options)
+        self.session = ort.InferenceSession(
+            self.onnx_path, sess_options=so, providers=providers, provider_options=provider_options
+        )
         self._ort = ort
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         if not self._names_given:

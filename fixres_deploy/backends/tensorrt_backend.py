@@ -53,8 +53,8 @@ from fixres_deploy.backends.cuda_utils import (
     ensure_device,
     import_cudart,
 )
-from fixres_deploy.errors import FixResError, MissingDependencyError, UserInputError, require_any
-from fixres_deploy.utils import atomic_path, sha256_file
+from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError, require_any
+from fixres_deploy.core.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ class EngineLoadError(FixResError, RuntimeError):
 
 def import_tensorrt(feature: str = "TensorRT engines"):
     """The ``tensorrt`` module (or the bare ``tensorrt_bindings`` wheel), else MissingDependencyError."""
-    return require_any(("tensorrt", "tensorrt_bindings"), "gpu", feature, "tensorrt",
-                       " (needs an NVIDIA GPU and driver)")
+    return require_any(
+        ("tensorrt", "tensorrt_bindings"), "gpu", feature, "tensorrt", " (needs an NVIDIA GPU and driver)"
+    )
 
 
 def check_available() -> None:
@@ -123,8 +124,11 @@ def check_version(trt) -> int:
             "(pip install 'fixres-deploy[gpu]')"
         )
     if major > max(SUPPORTED_MAJORS):
-        log.warning("TensorRT %s is newer than the versions this backend was checked against %s",
-                    trt.__version__, SUPPORTED_MAJORS)
+        log.warning(
+            "TensorRT %s is newer than the versions this backend was checked against %s",
+            trt.__version__,
+            SUPPORTED_MAJORS,
+        )
     return major
 
 
@@ -166,7 +170,10 @@ def graph_precision(onnx_path: str) -> dict:
     ops = {n.op_type for n in graph.node}
     fp16 = (
         any(t.data_type in half for t in graph.initializer)
-        or any(v.type.tensor_type.elem_type in half for v in list(graph.input) + list(graph.output) + list(graph.value_info))
+        or any(
+            v.type.tensor_type.elem_type in half
+            for v in list(graph.input) + list(graph.output) + list(graph.value_info)
+        )
         or any(a.name == "to" and a.i in half for n in graph.node if n.op_type == "Cast" for a in n.attribute)
     )
     return {"qdq": bool(ops & {"QuantizeLinear", "DequantizeLinear"}), "fp16": bool(fp16)}
@@ -188,8 +195,9 @@ def check_precision_request(precision: str, carried: dict, *, legacy_fp16_flag: 
         )
     if precision == "fp32" and (carried["qdq"] or carried["fp16"]):
         kind = "Q/DQ (int8)" if carried["qdq"] else "fp16"
-        raise UserInputError(f"'{onnx_path}' carries {kind} precision but fp32 was requested; "
-                             "request the precision of the graph")
+        raise UserInputError(
+            f"'{onnx_path}' carries {kind} precision but fp32 was requested; request the precision of the graph"
+        )
 
 
 def network_creation_flags(trt, *, carries_precision: bool, legacy_fp16_flag: bool) -> int:
@@ -267,8 +275,10 @@ def add_profiles(builder, config, input_name: str, shapes: ShapeSpec) -> int:
         profile.set_shape(input_name, min=p.min, opt=p.opt, max=p.max)
         index = config.add_optimization_profile(profile)
         if index < 0:
-            raise EngineBuildError(f"TensorRT rejected optimization profile {i} (min {list(p.min)} "
-                                   f"opt {list(p.opt)} max {list(p.max)}) for input '{input_name}'")
+            raise EngineBuildError(
+                f"TensorRT rejected optimization profile {i} (min {list(p.min)} "
+                f"opt {list(p.opt)} max {list(p.max)}) for input '{input_name}'"
+            )
     return len(shapes.profiles)
 
 
@@ -336,7 +346,9 @@ def parse_onnx(trt, network, logger, onnx_path: str):
                 f"node {parser_error.node()} '{parser_error.node_name()}' ({parser_error.node_operator()}): "
                 f"{parser_error.desc()} [{parser_error.code()}]"
             )
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected '{onnx_path}': " + " | ".join(msgs or ["(no details)"]))
+        raise EngineBuildError(
+            f"TensorRT's ONNX parser rejected '{onnx_path}': " + " | ".join(msgs or ["(no details)"])
+        )
     return parser
 
 
@@ -355,8 +367,12 @@ def inspect_engine(trt, logger, plan) -> dict:
             "mode": "input" if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT else "output",
             "dtype": getattr(engine.get_tensor_dtype(tname), "name", "?"),
         }
-    return {"layers_json": layers, "num_layers": int(engine.num_layers),
-            "num_optimization_profiles": int(engine.num_optimization_profiles), "io": io}
+    return {
+        "layers_json": layers,
+        "num_layers": int(engine.num_layers),
+        "num_optimization_profiles": int(engine.num_optimization_profiles),
+        "io": io,
+    }
 
 
 # --------------------------------------------------------------------------- build
@@ -386,8 +402,9 @@ def build_impl(
     os.makedirs(out_dir, exist_ok=True)
     plan_path = os.path.join(out_dir, f"{name}.plan")
     layers_path = os.path.join(out_dir, f"{name}.layers.json")
-    flags = network_creation_flags(trt, carries_precision=carried["qdq"] or carried["fp16"],
-                                   legacy_fp16_flag=options.legacy_fp16_flag)
+    flags = network_creation_flags(
+        trt, carries_precision=carried["qdq"] or carried["fp16"], legacy_fp16_flag=options.legacy_fp16_flag
+    )
     meta: dict = {
         "tensorrt_version": trt.__version__,
         "tensorrt_major": major,
@@ -417,7 +434,8 @@ def build_impl(
         cache_path = options.timing_cache
         if cache_path:
             meta["timing_cache"] = load_timing_cache(
-                config, cache_path, ignore_mismatch=bool(options.extra.get("timing_cache_ignore_mismatch", False)))
+                config, cache_path, ignore_mismatch=bool(options.extra.get("timing_cache_ignore_mismatch", False))
+            )
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             detail = " | ".join(logger.errors[-5:]) or "no error message from TensorRT"
@@ -445,9 +463,17 @@ def build_impl(
         meta["log_errors"] = logger.errors[-10:]
         return error_artifact(BACKEND, precision, onnx_path, shapes, exc, build_s=time.perf_counter() - t0, meta=meta)
     return EngineArtifact(
-        backend=BACKEND, precision=precision, path=plan_path, source_onnx=onnx_path, shapes=shapes,
-        input_name=input_name, output_name=output_name, build_s=build_s,
-        sha256=sha256_file(plan_path), size_bytes=os.path.getsize(plan_path), meta=meta,
+        backend=BACKEND,
+        precision=precision,
+        path=plan_path,
+        source_onnx=onnx_path,
+        shapes=shapes,
+        input_name=input_name,
+        output_name=output_name,
+        build_s=build_s,
+        sha256=sha256_file(plan_path),
+        size_bytes=os.path.getsize(plan_path),
+        meta=meta,
     )
 
 
@@ -465,9 +491,17 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, plan_path: str, *, shapes: ShapeSpec | None = None, input_name: str = "input",
-                 output_name: str = "logits", cuda_graph: bool = False, device_id: int = 0,
-                 built_with: dict | None = None):
+    def __init__(
+        self,
+        plan_path: str,
+        *,
+        shapes: ShapeSpec | None = None,
+        input_name: str = "input",
+        output_name: str = "logits",
+        cuda_graph: bool = False,
+        device_id: int = 0,
+        built_with: dict | None = None,
+    ):
         super().__init__(input_name=input_name, output_name=output_name, shapes=shapes)
         if not os.path.isfile(plan_path):
             raise UserInputError(f"TensorRT plan '{plan_path}' does not exist")
@@ -513,8 +547,10 @@ class TensorRTRunner(Runner):
                 self._dtypes[tname] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(tname)))
             self._context = self._engine.create_execution_context()
             if self._context is None:
-                raise EngineLoadError(f"TensorRT could not create an execution context for '{self.plan_path}' "
-                                      f"(out of GPU memory?): {' | '.join(self._logger.errors[-3:])}")
+                raise EngineLoadError(
+                    f"TensorRT could not create an execution context for '{self.plan_path}' "
+                    f"(out of GPU memory?): {' | '.join(self._logger.errors[-3:])}"
+                )
             self._stream = Stream(cudart)
         except BaseException:
             self._release()
@@ -529,8 +565,10 @@ class TensorRTRunner(Runner):
         if gpu:
             hint += f" It was built on {gpu.get('name')} (compute capability {gpu.get('compute_capability')})."
         detail = " | ".join(self._logger.errors[-3:])
-        return (f"TensorRT could not deserialize '{self.plan_path}'.{hint} Engines are tied to the TensorRT "
-                f"version and GPU: rebuild it here (fixres-deploy build). {detail}")
+        return (
+            f"TensorRT could not deserialize '{self.plan_path}'.{hint} Engines are tied to the TensorRT "
+            f"version and GPU: rebuild it here (fixres-deploy build). {detail}"
+        )
 
     def _ensure_buffer(self, tname: str, nbytes: int) -> tuple[DeviceBuffer, PinnedBuffer]:
         have = self._buffers.get(tname)
@@ -617,9 +655,13 @@ def runner_from_artifact(artifact: EngineArtifact, **options) -> TensorRTRunner:
         raise UserInputError(f"unknown TensorRT runner option(s) {unknown}; known: ['cuda_graph', 'device_id']")
     meta = artifact.meta or {}
     return TensorRTRunner(
-        artifact.path, shapes=artifact.shapes, input_name=artifact.input_name, output_name=artifact.output_name,
+        artifact.path,
+        shapes=artifact.shapes,
+        input_name=artifact.input_name,
+        output_name=artifact.output_name,
         cuda_graph=options.get("cuda_graph", (meta.get("options") or {}).get("cuda_graph", False)),
-        device_id=options.get("device_id", 0), built_with=meta,
+        device_id=options.get("device_id", 0),
+        built_with=meta,
     )
 
 

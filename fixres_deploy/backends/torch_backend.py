@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from fixres_deploy.backends.base import BuildOptions, EngineArtifact, Runner, ShapeSpec
-from fixres_deploy.errors import UserInputError, require
-from fixres_deploy.utils import sha256_file
+from fixres_deploy.core.errors import UserInputError, require
+from fixres_deploy.core.utils import sha256_file
 
 BACKEND = "torch"
 
@@ -32,8 +32,16 @@ class TorchRunner(Runner):
 
     name = "torch"
 
-    def __init__(self, model, *, shapes: ShapeSpec | None = None, device: str = "cpu", half: bool = False,
-                 input_name: str = "input", output_name: str = "logits"):
+    def __init__(
+        self,
+        model,
+        *,
+        shapes: ShapeSpec | None = None,
+        device: str = "cpu",
+        half: bool = False,
+        input_name: str = "input",
+        output_name: str = "logits",
+    ):
         super().__init__(input_name=input_name, output_name=output_name, shapes=shapes)
         self.model = model
         self.device = device
@@ -44,7 +52,7 @@ class TorchRunner(Runner):
     @classmethod
     def from_checkpoint(cls, path: str, **kw) -> TorchRunner:
         """A runner for a fixres-deploy checkpoint (model spec and weights read from it)."""
-        from fixres_deploy.models import load_model
+        from fixres_deploy.models.registry import load_model
 
         return cls(load_model(None, checkpoint=path).model, **kw)
 
@@ -96,19 +104,31 @@ def build_impl(
     if not os.path.isfile(ckpt):
         raise UserInputError(f"checkpoint '{ckpt}' does not exist")
     if precision == "int8":
-        raise UserInputError("the torch reference backend runs fp32 or fp16 only; "
-                             "int8 engines come from ONNX Runtime or TensorRT")
-    from fixres_deploy.models import load_model
+        raise UserInputError(
+            "the torch reference backend runs fp32 or fp16 only; int8 engines come from ONNX Runtime or TensorRT"
+        )
+    from fixres_deploy.models.registry import load_model
 
     device = (options.extra or {}).get("device", "cpu")
     t0 = time.perf_counter()
     loaded = load_model(None, checkpoint=ckpt)
     build_s = time.perf_counter() - t0
     return EngineArtifact(
-        backend=BACKEND, precision=precision, path=os.fspath(ckpt), source_onnx=onnx_path, shapes=shapes,
-        build_s=build_s, sha256=sha256_file(ckpt), size_bytes=os.path.getsize(ckpt),
-        meta={"torch_version": torch.__version__, "model": loaded.spec, "device": device,
-              "half": precision == "fp16", "note": "eager PyTorch reference; path is the checkpoint"},
+        backend=BACKEND,
+        precision=precision,
+        path=os.fspath(ckpt),
+        source_onnx=onnx_path,
+        shapes=shapes,
+        build_s=build_s,
+        sha256=sha256_file(ckpt),
+        size_bytes=os.path.getsize(ckpt),
+        meta={
+            "torch_version": torch.__version__,
+            "model": loaded.spec,
+            "device": device,
+            "half": precision == "fp16",
+            "note": "eager PyTorch reference; path is the checkpoint",
+        },
     )
 
 
@@ -118,8 +138,10 @@ def runner_from_artifact(artifact: EngineArtifact, **options) -> TorchRunner:
     if unknown:
         raise UserInputError(f"unknown torch runner option(s) {unknown}; known: ['device', 'half']")
     return TorchRunner.from_checkpoint(
-        artifact.path, shapes=artifact.shapes,
+        artifact.path,
+        shapes=artifact.shapes,
         device=options.get("device", artifact.meta.get("device", "cpu")),
         half=options.get("half", artifact.precision == "fp16"),
-        input_name=artifact.input_name, output_name=artifact.output_name,
+        input_name=artifact.input_name,
+        output_name=artifact.output_name,
     )

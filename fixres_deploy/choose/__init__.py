@@ -1,0 +1,1 @@
+"""Selection of the operating point and the report that explains it."""

@@ -1,0 +1,1 @@
+"""The `fixres-deploy` command line."""

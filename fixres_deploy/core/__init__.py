@@ -1,0 +1,1 @@
+"""Shared foundations: errors, small utilities, preprocessing as data, statistics."""

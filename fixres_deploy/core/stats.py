@@ -1,0 +1,81 @@
+"""Statistics for accuracy figures: Wilson intervals and paired tests (no scipy needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (default 95%).
+
+    Better than the normal approximation near 0 and 1 and for small n; for n = 0 it is the
+    uninformative [0, 1].
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _binom_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p-value of k successes in n trials under p = 0.5."""
+    if n == 0:
+        return 1.0
+    k = min(k, n - k)
+    # log-space sum for large n
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(0, k + 1)
+    ]
+    m = max(log_terms)
+    tail = math.exp(m) * sum(math.exp(t - m) for t in log_terms)
+    return min(1.0, 2.0 * tail)
+
+
+def mcnemar_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """Paired test of two classifiers on the same images (exact McNemar).
+
+    Only the discordant pairs carry information: b = A right & B wrong, c = A wrong & B right.
+    Under "same accuracy", b ~ Binomial(b + c, 1/2).
+
+    Returns:
+        dict with ``b``, ``c``, ``n``, ``p_value`` and ``diff`` (accuracy of A minus B).
+    """
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"paired test needs equal lengths, got {len(correct_a)} and {len(correct_b)}")
+    b = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
+    c = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
+    n = len(correct_a)
+    return {
+        "b": b,
+        "c": c,
+        "n": n,
+        "p_value": _binom_two_sided(b, b + c),
+        "diff": (b - c) / n if n else 0.0,
+    }
+
+
+def paired_diff_interval(
+    correct_a: Sequence[bool], correct_b: Sequence[bool], z: float = Z95
+) -> tuple[float, float, float]:
+    """Difference of paired accuracies A - B with a normal-approximation interval.
+
+    Returns:
+        (diff, lo, hi) as fractions.
+    """
+    n = len(correct_a)
+    if n == 0 or n != len(correct_b):
+        raise ValueError("paired interval needs two equal, non-empty sequences")
+    d = [float(x) - float(y) for x, y in zip(correct_a, correct_b)]
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / max(1, n - 1)
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half

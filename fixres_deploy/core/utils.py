@@ -1,0 +1,124 @@
+"""Small shared helpers: atomic writes, hashing, JSON, logging and progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fixres_deploy")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: a crash leaves the old file (or none).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> str:
+    """Write JSON atomically (sorted keys off: keep the writer's order for readability)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+    return os.fspath(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    from fixres_deploy.core.errors import UserInputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise UserInputError(f"'{path}' does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"'{path}' is not valid JSON: {exc}") from exc
+
+
+def _json_default(obj: Any):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj``: a content address for configs."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None, **kw):
+    """A tqdm bar on stderr; silent when FIXRES_NO_PROGRESS is set (tests, logs)."""
+    from tqdm.auto import tqdm
+
+    disable = bool(os.environ.get("FIXRES_NO_PROGRESS")) or kw.pop("disable", False)
+    if not sys.stderr.isatty():
+        kw.setdefault("mininterval", 10.0)  # logs and CI: a line every 10 s, not every update
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True, **kw)
+
+
+def parse_int_list(text: str | Iterable[int], what: str = "list") -> list[int]:
+    """'128,160, 192' → [128, 160, 192] with a clear error."""
+    from fixres_deploy.core.errors import UserInputError
+
+    if not isinstance(text, str):
+        return [int(v) for v in text]
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise UserInputError(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise UserInputError(f"{what} is empty: {text!r}")
+    return values

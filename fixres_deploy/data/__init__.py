@@ -1,0 +1,1 @@
+"""Image folders and the generated demo data set."""

@@ -1,0 +1,1 @@
+"""ONNX graph + backend + precision + shapes -> verified engine artifact."""

@@ -1,0 +1,561 @@
+"""`fixres-deploy build`: engines for every backend × precision × shape, recorded in one index.
+
+For each precision the ONNX precision variant (fp16 graph, int8 Q/DQ graph) is made ONCE per
+(precision, flavor, calibration resolution) and shared by every engine that needs it:
+
+* fp32: the exported ONNX itself.
+* fp16: an fp16 graph (TensorRT 11 has no FP16 builder flag; ``legacy_fp16_flag`` keeps the
+  TensorRT 10 weak-typing route on the fp32 graph instead).
+* int8: explicit Q/DQ from calibration images preprocessed exactly as in deployment, at the
+  engine's resolution (retinanet-examples #255). The Q/DQ flavor follows the backend:
+  TensorRT needs symmetric s8 with zero-point 0; ONNX Runtime on a CPU is fast only with u8
+  activations (measured with and without VNNI), so it gets ``default_int8_flavor("onnxruntime")``.
+  A dynamic engine has one Q/DQ graph for all its shapes: it is calibrated at a profile's
+  opt resolution, and the index says which.
+
+A failed build (including a missing library for one backend) is recorded with its message
+and exception type; the other builds go on. ``index.json`` lists every artifact (flat
+``EngineArtifact`` fields plus ``name``, ``shape_mode``, ``resolution``/``profiles``, ``quant``),
+and the Q/DQ / fp16 ONNX variants with their sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fixres_deploy.backends.base import (
+    BACKENDS,
+    PRECISIONS,
+    BuildOptions,
+    EngineArtifact,
+    ShapeSpec,
+    build_engine,
+    check_onnx_accepts,
+    error_artifact,
+    onnx_io,
+)
+from fixres_deploy.core.errors import MissingDependencyError, UserInputError
+from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "fixres-deploy/build-index"
+TIMING_CACHE_NAME = "tensorrt.timing.cache"
+
+
+@dataclass
+class BuildIndex:
+    """Everything one ``build_engines`` call produced, as written to ``out_dir/index.json``.
+
+    Attributes:
+        source_onnx, source_sha256: the exported model the variants and engines come from.
+        out_dir: the build folder (paths inside it are stored relative to it).
+        artifacts: one flat dict per requested engine: ``EngineArtifact`` fields plus
+            ``name``, ``shape_mode``, ``resolution`` and ``batch`` (fixed) or ``profiles``
+            (dynamic), ``quant`` (precision variant used: path, sha256, flavor, calibration)
+            and ``error_type`` when ``error`` is set.
+        variants: the ONNX precision variants made (fp16, int8 Q/DQ) with path and sha256.
+        request: the arguments of the call.
+        preprocess: the preprocessing read from the ONNX metadata (None if absent).
+        created: UTC ISO time; build_s: wall seconds of the whole call.
+    """
+
+    source_onnx: str
+    source_sha256: str
+    out_dir: str
+    artifacts: list[dict] = field(default_factory=list)
+    variants: list[dict] = field(default_factory=list)
+    request: dict = field(default_factory=dict)
+    preprocess: dict | None = None
+    created: str = ""
+    build_s: float = 0.0
+
+    @property
+    def ok(self) -> list[dict]:
+        return [a for a in self.artifacts if not a.get("error")]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [a for a in self.artifacts if a.get("error")]
+
+    def engine_artifacts(self, *, include_failed: bool = False) -> list[EngineArtifact]:
+        """The entries as EngineArtifacts with absolute paths (ready for ``load_runner``)."""
+        out = []
+        for entry in self.artifacts:
+            if entry.get("error") and not include_failed:
+                continue
+            out.append(entry_artifact(entry, self.out_dir))
+        return out
+
+    def find(
+        self,
+        *,
+        backend: str | None = None,
+        precision: str | None = None,
+        resolution: int | None = None,
+        shape_mode: str | None = None,
+    ) -> list[dict]:
+        """Entries matching every given field (a dynamic entry matches a resolution it serves)."""
+        out = []
+        for e in self.artifacts:
+            if backend and e.get("backend") != backend:
+                continue
+            if precision and e.get("precision") != precision:
+                continue
+            if shape_mode and e.get("shape_mode") != shape_mode:
+                continue
+            if resolution is not None:
+                if e.get("shape_mode") == "fixed" and e.get("resolution") != resolution:
+                    continue
+                if e.get("shape_mode") == "dynamic" and not any(
+                    p["min"][2] <= resolution <= p["max"][2] for p in e.get("profiles") or []
+                ):
+                    continue
+            out.append(e)
+        return out
+
+    def to_dict(self) -> dict:
+        d = {"format": INDEX_FORMAT, "version": 1}
+        d.update(asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildIndex:
+        if not isinstance(d, dict) or "artifacts" not in d:
+            raise UserInputError("not a build index: expected an object with an 'artifacts' list")
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BuildIndex:
+        """Read ``index.json`` (or a build folder); ``out_dir`` becomes the index's folder."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, INDEX_NAME)
+        index = cls.from_dict(read_json(path))
+        index.out_dir = os.path.dirname(os.path.abspath(path))
+        return index
+
+    def save(self, path: str | os.PathLike | None = None) -> str:
+        return write_json(path or os.path.join(self.out_dir, INDEX_NAME), self.to_dict())
+
+
+def _rel(path: str | None, out_dir: str) -> str | None:
+    """Paths inside the build folder are stored relative to it (the folder can be moved)."""
+    if not path:
+        return path
+    ap, base = os.path.abspath(path), os.path.abspath(out_dir)
+    return os.path.relpath(ap, base) if os.path.commonpath([ap, base]) == base else ap
+
+
+def _abs(path: str | None, out_dir: str) -> str | None:
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.join(os.path.abspath(out_dir), path)
+
+
+def entry_artifact(entry: dict, out_dir: str) -> EngineArtifact:
+    """An index entry back as an EngineArtifact with absolute paths."""
+    names = set(EngineArtifact.__dataclass_fields__)
+    art = EngineArtifact.from_dict({k: v for k, v in entry.items() if k in names})
+    art.path = _abs(art.path, out_dir)
+    art.source_onnx = _abs(art.source_onnx, out_dir)
+    return art
+
+
+@dataclass
+class _Plan:
+    backend: str
+    precision: str
+    shapes: ShapeSpec
+    name: str
+    calibration_resolution: int | None
+    resolution: int | None = None
+    batch: int | None = None
+
+
+def _calibration_resolution(shapes: ShapeSpec) -> int:
+    """One Q/DQ graph serves every profile of a dynamic engine: calibrate at the middle profile's opt."""
+    opts = sorted(p.opt[2] for p in shapes.profiles)
+    return opts[len(opts) // 2]
+
+
+def _validate_request(onnx_path, backends, precisions, resolutions, batch_sizes, max_batch, bands) -> None:
+    if not os.path.isfile(onnx_path):
+        raise UserInputError(f"ONNX file '{onnx_path}' does not exist")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise UserInputError(f"unknown backend(s) {unknown or backends}; choose from {sorted(BACKENDS)}")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise UserInputError(f"unknown precision(s) {bad or precisions}; choose from {list(PRECISIONS)}")
+    if not resolutions or min(resolutions) < 8:
+        raise UserInputError(f"resolutions must be integers >= 8, got {list(resolutions)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserInputError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if max_batch < 1:
+        raise UserInputError(f"max batch must be >= 1, got {max_batch}")
+    if bands < 1:
+        raise UserInputError(f"bands must be >= 1, got {bands}")
+
+
+def build_engines(
+    onnx_path: str | os.PathLike,
+    *,
+    backends: Sequence[str],
+    precisions: Sequence[str],
+    resolutions: Sequence[int],
+    dynamic: bool = False,
+    bands: int = 1,
+    batch_sizes: Sequence[int] = (1,),
+    max_batch: int = 8,
+    calibration_data: Any = None,
+    calibration_method: str = "minmax",
+    calibration_limit: int | None = None,
+    int8_flavor: str | None = None,
+    float_layers: Any = "default",
+    calibration_cache: Any = None,
+    options: BuildOptions | None = None,
+    out_dir: str | os.PathLike,
+) -> BuildIndex:
+    """Build every requested engine; failures are recorded, not raised.
+
+    Args:
+        onnx_path: the exported fp32 ONNX (dynamic axes for ``dynamic`` or several resolutions;
+            its metadata carries the preprocessing used for calibration).
+        backends: e.g. ``["onnxruntime", "tensorrt"]``.
+        precisions: subset of ``fp32``, ``fp16``, ``int8``.
+        resolutions: test resolutions; fixed mode builds one engine per resolution × batch.
+        dynamic: one engine per backend × precision with profiles over ``resolutions``.
+        bands: number of dynamic profiles (contiguous resolution groups).
+        batch_sizes: fixed: one engine per batch size; dynamic: the first is the profiles' opt batch.
+        max_batch: the dynamic profiles' max batch.
+        calibration_data: image folder or calibration manifest (required for int8).
+        calibration_method, float_layers: passed to ``make_precision_variant``.
+        calibration_limit: at most this many calibration images.
+        calibration_cache: calibration-range cache folder for ``make_precision_variant``
+            (None: its default, ``$FIXRES_CACHE_DIR`` or ``calibration/cache``; False: none).
+        int8_flavor: Q/DQ flavor for every backend (default: the backend's own).
+        options: BuildOptions for the backends (TensorRT timing cache defaults to
+            ``out_dir/tensorrt.timing.cache``, shared by all builds).
+        out_dir: build folder; ``index.json`` is written there.
+
+    Returns:
+        The BuildIndex (also saved to ``out_dir/index.json``).
+
+    Raises:
+        UserInputError: a request that cannot be built at all (missing ONNX, unknown
+            backend/precision, shapes a fixed-shape export cannot serve, int8 without
+            calibration data or preprocessing metadata).
+    """
+    t_start = time.perf_counter()
+    onnx_path = os.fspath(onnx_path)
+    out_dir = os.fspath(out_dir)
+    backends = list(dict.fromkeys(backends))
+    precisions = list(dict.fromkeys(precisions))
+    resolutions = sorted({int(r) for r in resolutions})
+    batch_sizes = [int(b) for b in batch_sizes]
+    _validate_request(onnx_path, backends, precisions, resolutions, batch_sizes, max_batch, bands)
+    options = options or BuildOptions()
+    if "tensorrt" in backends and not options.timing_cache:
+        options = BuildOptions(**{**options.to_dict(), "timing_cache": os.path.join(out_dir, TIMING_CACHE_NAME)})
+
+    from fixres_deploy.export.onnx_export import read_onnx_preprocess
+
+    cfg = read_onnx_preprocess(onnx_path)
+    if "int8" in precisions:
+        if calibration_data is None:
+            raise UserInputError(
+                "int8 needs calibration images: pass --calibration-data DIR "
+                "(an image folder like the deployment images, or a calibration manifest)"
+            )
+        if cfg is None:
+            raise UserInputError(
+                f"'{onnx_path}' records no preprocessing (ONNX metadata fixres_deploy.core.preprocess), so calibration "
+                "images cannot be prepared like deployment images: export it with fixres-deploy export"
+            )
+
+    plans: list[_Plan] = []
+    for backend in backends:
+        for precision in precisions:
+            if dynamic:
+                opt_batch = min(batch_sizes[0], max_batch)
+                shapes = ShapeSpec.resolution_bands(resolutions, max_batch=max_batch, opt_batch=opt_batch, bands=bands)
+                plans.append(
+                    _Plan(backend, precision, shapes, f"{backend}_{precision}_dynamic", _calibration_resolution(shapes))
+                )
+            else:
+                for r in resolutions:
+                    for b in batch_sizes:
+                        plans.append(
+                            _Plan(
+                                backend,
+                                precision,
+                                ShapeSpec.fixed(b, r),
+                                f"{backend}_{precision}_r{r}_b{b}",
+                                r,
+                                resolution=r,
+                                batch=b,
+                            )
+                        )
+
+    # A fixed-shape export cannot serve other shapes: refuse the whole request up front.
+    io = onnx_io(onnx_path)
+    for plan in plans:
+        check_onnx_accepts(onnx_path, plan.shapes, io)
+    os.makedirs(out_dir, exist_ok=True)
+
+    variants = _VariantMaker(
+        onnx_path,
+        out_dir,
+        cfg,
+        calibration_data=calibration_data,
+        calibration_method=calibration_method,
+        calibration_limit=calibration_limit,
+        int8_flavor=int8_flavor,
+        float_layers=float_layers,
+        legacy_fp16_flag=options.legacy_fp16_flag,
+        calibration_cache=calibration_cache,
+        providers=options.providers,
+    )
+    unavailable = {b: _unavailable(b) for b in backends}
+    entries = []
+    for plan in progress(plans, desc="engines"):
+        entries.append(_build_one(plan, onnx_path, options, out_dir, variants, unavailable[plan.backend]))
+
+    index = BuildIndex(
+        source_onnx=os.path.abspath(onnx_path),
+        source_sha256=sha256_file(onnx_path),
+        out_dir=out_dir,
+        artifacts=entries,
+        variants=variants.records(),
+        request={
+            "backends": backends,
+            "precisions": precisions,
+            "resolutions": resolutions,
+            "dynamic": dynamic,
+            "bands": bands,
+            "batch_sizes": batch_sizes,
+            "max_batch": max_batch,
+            "calibration_data": os.fspath(calibration_data)
+            if isinstance(calibration_data, (str, os.PathLike))
+            else None,
+            "calibration_method": calibration_method,
+            "calibration_limit": calibration_limit,
+            "int8_flavor": int8_flavor,
+            "float_layers": float_layers,
+            "options": options.to_dict(),
+        },
+        preprocess=cfg.to_dict() if cfg is not None else None,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        build_s=round(time.perf_counter() - t_start, 3),
+    )
+    index.save()
+    return index
+
+
+def _unavailable(backend: str) -> MissingDependencyError | None:
+    """The MissingDependencyError of a backend whose library is absent (checked once, up front)."""
+    import importlib
+
+    module = importlib.import_module(BACKENDS[backend])
+    try:
+        getattr(module, "check_available", lambda: None)()
+    except MissingDependencyError as exc:
+        return exc
+    return None
+
+
+def _build_one(
+    plan: _Plan,
+    onnx_path: str,
+    options: BuildOptions,
+    out_dir: str,
+    variants: _VariantMaker,
+    unavailable: MissingDependencyError | None = None,
+) -> dict:
+    quant = None
+    try:
+        if unavailable is not None:
+            raise unavailable  # no precision variant is made for a backend that cannot build
+        source, quant = variants.get(
+            plan.backend, plan.precision, plan.calibration_resolution, dynamic=plan.shapes.mode == "dynamic"
+        )
+        if plan.backend == "tensorrt" and plan.precision == "int8":
+            problems = variants.tensorrt_problems(source)
+            if problems:
+                raise UserInputError(f"the Q/DQ graph '{source}' is not TensorRT-compatible: {'; '.join(problems)}")
+        art = build_engine(
+            plan.backend, source, plan.shapes, options, out_dir=out_dir, precision=plan.precision, name=plan.name
+        )
+    except Exception as exc:  # a missing library, a bad variant, a backend bug: recorded, the sweep goes on
+        log.warning("build %s failed: %s: %s", plan.name, type(exc).__name__, exc)
+        art = error_artifact(plan.backend, plan.precision, onnx_path, plan.shapes, exc)
+    entry = art.to_dict()
+    entry["path"] = _rel(art.path, out_dir)
+    entry["source_onnx"] = _rel(art.source_onnx, out_dir)
+    entry.update(
+        {
+            "name": plan.name,
+            "shape_mode": plan.shapes.mode,
+            "resolution": plan.resolution,
+            "batch": plan.batch,
+            "profiles": [p.to_dict() for p in plan.shapes.profiles] if plan.shapes.mode == "dynamic" else None,
+            "quant": quant,
+            "error_type": (art.meta or {}).get("error_type") if art.error else None,
+        }
+    )
+    return entry
+
+
+class _VariantMaker:
+    """Makes each precision variant once and remembers failures (so they are not retried per engine)."""
+
+    def __init__(
+        self,
+        onnx_path,
+        out_dir,
+        cfg,
+        *,
+        calibration_data,
+        calibration_method,
+        calibration_limit,
+        int8_flavor,
+        float_layers,
+        legacy_fp16_flag,
+        calibration_cache=None,
+        providers=None,
+    ):
+        self.onnx_path = onnx_path
+        self.out_dir = out_dir
+        self.cfg = cfg
+        self.calibration_data = calibration_data
+        self.calibration_method = calibration_method
+        self.calibration_limit = calibration_limit
+        self.int8_flavor = int8_flavor
+        self.float_layers = float_layers
+        self.legacy_fp16_flag = legacy_fp16_flag
+        self.calibration_cache = calibration_cache
+        self.providers = providers
+        self._variants: dict[tuple, tuple[str, dict] | BaseException] = {}
+        self._batches: dict[int, Any] = {}
+        self._trt_checks: dict[str, list[str]] = {}
+
+    def flavor(self, backend: str, precision: str) -> str | None:
+        """The Q/DQ flavor for int8 (None for fp16: one fp16 graph serves every backend)."""
+        if precision != "int8":
+            return None
+        if self.int8_flavor:
+            return self.int8_flavor
+        from fixres_deploy.precision.variants import default_int8_flavor
+
+        return default_int8_flavor(backend, device=self.device_of(backend))
+
+    def device_of(self, backend: str) -> str:
+        gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+        if backend == "onnxruntime" and gpu_providers & set(self.providers or []):
+            return "cuda"
+        return "cuda" if backend == "tensorrt" else "cpu"
+
+    def get(self, backend: str, precision: str, calibration_resolution: int | None, *, dynamic: bool):
+        """(ONNX path to build from, quant info or None)."""
+        if backend == "torch" or precision == "fp32":
+            return self.onnx_path, None
+        if backend == "tensorrt" and precision == "fp16" and self.legacy_fp16_flag:
+            return self.onnx_path, {
+                "precision": "fp16",
+                "route": "TensorRT 10 BuilderFlag.FP16 on the fp32 graph",
+                "variant_path": None,
+            }
+        flavor = self.flavor(backend, precision)
+        res = calibration_resolution if precision == "int8" else None
+        key = (precision, flavor, res)
+        if key not in self._variants:
+            try:
+                self._variants[key] = self._make(precision, flavor, res, dynamic)
+            except Exception as exc:  # recorded once, reported by every engine that needed it
+                self._variants[key] = exc
+        made = self._variants[key]
+        if isinstance(made, BaseException):
+            raise made
+        path, info = made
+        return path, dict(info)
+
+    def _make(self, precision: str, flavor: str, res: int | None, dynamic: bool) -> tuple[str, dict]:
+        from fixres_deploy.precision.variants import make_precision_variant
+
+        stem = os.path.splitext(os.path.basename(self.onnx_path))[0]
+        tag = ".".join(t for t in (precision, flavor, f"r{res}" if res else None) if t)
+        out_path = os.path.join(self.out_dir, "variants", f"{stem}.{tag}.onnx")
+        batches = None
+        if precision == "int8":
+            batches = self._calibration(res)
+        t0 = time.perf_counter()
+        kw = {"flavor": flavor} if flavor else {}
+        variant = make_precision_variant(
+            self.onnx_path,
+            precision,
+            out_path,
+            calibration_batches=batches,
+            method=self.calibration_method,
+            float_layers=self.float_layers,
+            cache=self.calibration_cache,
+            **kw,
+        )
+        info = variant.to_dict()
+        info.update(
+            {
+                "variant_path": _rel(variant.path, self.out_dir),
+                "variant_sha256": sha256_file(variant.path),
+                "variant_s": round(time.perf_counter() - t0, 3),
+            }
+        )
+        if precision == "int8":
+            info["calibration_resolution"] = res
+            info["calibration_images"] = len(batches)
+            if dynamic:
+                info["calibration_note"] = (
+                    f"dynamic engine: one Q/DQ graph for every profile, calibrated at the "
+                    f"profile opt resolution {res}; other resolutions reuse those ranges"
+                )
+        return variant.path, info
+
+    def _calibration(self, res: int):
+        if res not in self._batches:
+            from fixres_deploy.precision.calibration import calibration_batches
+
+            self._batches[res] = calibration_batches(
+                self.calibration_data, self.cfg.at_resolution(res), limit=self.calibration_limit
+            )
+        return self._batches[res]
+
+    def tensorrt_problems(self, path: str) -> list[str]:
+        if path not in self._trt_checks:
+            from fixres_deploy.precision.variants import check_tensorrt_qdq
+
+            self._trt_checks[path] = list(check_tensorrt_qdq(path))
+        return self._trt_checks[path]
+
+    def records(self) -> list[dict]:
+        out = []
+        for (precision, flavor, res), made in self._variants.items():
+            if isinstance(made, BaseException):
+                out.append(
+                    {
+                        "precision": precision,
+                        "flavor": flavor,
+                        "calibration_resolution": res,
+                        "error": f"{type(made).__name__}: {made}",
+                        "error_type": type(made).__name__,
+                    }
+                )
+            else:
+                out.append(made[1])
+        return out

@@ -1,0 +1,1 @@
+"""The FixRes method: resolution prior, fine-tune, evaluation."""

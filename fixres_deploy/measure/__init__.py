@@ -1,0 +1,1 @@
+"""Latency measurement of engines and the machine's load while measuring."""

@@ -1,0 +1,1 @@
+"""Model specs, checkpoints, the base-model trainer, FLOP counting."""

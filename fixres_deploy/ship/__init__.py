@@ -1,0 +1,1 @@
+"""The bundle for production, its torch-free runtime and the Triton repository."""

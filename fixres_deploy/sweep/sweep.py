@@ -1,0 +1,669 @@
+"""The sweep: accuracy and latency of every engine across resolutions, precisions, batch sizes.
+
+Grid: candidate resolutions × {base model, FixRes fine-tuned at that resolution} ×
+precision (fp32 / fp16 / int8) × backend × shape mode (fixed / dynamic) × batch size. Each
+point's top-1/top-5 are measured on the engine itself (not the torch model) and its latency
+with :mod:`fixres_deploy.measure.bench`.
+
+Every stage goes through a :class:`fixres_deploy.sweep.store.ResultStore`, keyed by everything that
+determines it: checkpoint and data hashes, resolution, precision, options, library versions
+(and, for latency, the machine). An interrupted sweep resumes; a repeated one measures
+nothing twice; a changed input re-measures only what depends on it. A failed stage is
+recorded with its error and the sweep goes on.
+
+Accuracy does not depend on the batch size, so it is measured once per engine graph and
+shape mode (at the largest batch of the grid); latency is measured per batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
+from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.store import ResultStore, library_versions, machine_id
+
+log = logging.getLogger(__name__)
+
+SHAPE_MODES = ("fixed", "dynamic")
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep (every field can come from a TOML file or flags).
+
+    Attributes:
+        checkpoint: the base model (trained at ``train_res``).
+        model: model spec (optional for fixres-deploy checkpoints).
+        num_classes: classifier size (optional: inferred).
+        train_data: fine-tune and calibration images (a training split).
+        eval_data: held-out evaluation images; when None, ``train_data`` is split by a hash
+            of each file name and ``val_fraction`` of it is held out (never fine-tuned on).
+        val_fraction: held-out share for that split.
+        train_res: K_train (default: what the checkpoint records).
+        resolutions: candidate test resolutions (default: the prior's candidates).
+        prior_stride: stride of the prior's candidate grid (the network's total stride).
+        precisions, backends, shape_modes, batch_sizes: the grid.
+        finetune: which of (False, True) to measure: base model and/or FixRes fine-tuned.
+        finetune_epochs, finetune_lr: FixRes fine-tune options.
+        calibration_size: int8 calibration images (class-balanced from train_data).
+        calibration_method: "minmax", "percentile" or "entropy".
+        int8_float_layers: "default" (first conv + classifier in float) or "none".
+        exporter: ONNX exporter ("dynamo", "torchscript", "auto").
+        eval_limit: evaluate on at most this many images (class-balanced), None: all.
+        eval_batch: batch size of the accuracy runs.
+        latency: LatencyConfig fields (dict) or a preset name ("quick", "standard", "thorough").
+        threads: ONNX Runtime intra-op threads (None: library default).
+        store: result store folder (default: OUT/store).
+        retry_failed: re-run stages whose stored result is a failure.
+    """
+
+    checkpoint: str
+    train_data: str
+    eval_data: str | None = None
+    val_fraction: float = 0.3
+    model: str | None = None
+    num_classes: int | None = None
+    train_res: int | None = None
+    resolutions: list[int] | None = None
+    prior_stride: int = 32
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    backends: list[str] = field(default_factory=lambda: ["onnxruntime"])
+    shape_modes: list[str] = field(default_factory=lambda: ["fixed", "dynamic"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    finetune: list[bool] = field(default_factory=lambda: [False, True])
+    finetune_epochs: int = 8
+    finetune_lr: float | None = None
+    calibration_size: int = 256
+    calibration_method: str = "minmax"
+    int8_float_layers: str = "default"
+    exporter: str = "dynamo"
+    eval_limit: int | None = None
+    eval_batch: int = 32
+    latency: dict | str = "standard"
+    threads: int | None = None
+    store: str | None = None
+    retry_failed: bool = False
+
+    def validate(self) -> None:
+        for name in ("checkpoint",):
+            if not os.path.isfile(getattr(self, name)):
+                raise UserInputError(f"{name} '{getattr(self, name)}' does not exist")
+        for name in ("train_data", "eval_data"):
+            if getattr(self, name) is None and name == "eval_data":
+                continue
+            if not os.path.isdir(getattr(self, name)):
+                raise UserInputError(f"{name} '{getattr(self, name)}' is not a folder (ImageFolder root)")
+        bad = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
+        if bad:
+            raise UserInputError(f"unknown precisions {bad}; choose from fp32, fp16, int8")
+        bad = [m for m in self.shape_modes if m not in SHAPE_MODES]
+        if bad:
+            raise UserInputError(f"unknown shape modes {bad}; choose from {SHAPE_MODES}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise UserInputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if not self.finetune:
+            raise UserInputError("finetune must list False and/or True")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    """All points of a sweep plus what is needed to report on them without re-measuring."""
+
+    points: list[SweepPoint]
+    train_res: int
+    resolutions: list[int]
+    config: dict
+    prior: dict | None
+    class_names: list[str]
+    preprocess: dict
+    peak_gflops: float | None
+    seconds: float
+    store_hits: int
+    store_misses: int
+    failures: list[dict] = field(default_factory=list)
+    finetune_curve: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["points"] = [p.to_dict() for p in self.points]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SweepResult:
+        d = dict(d)
+        d["points"] = [SweepPoint.from_dict(p) for p in d["points"]]
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SweepResult:
+        return cls.from_dict(read_json(path))
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here: onnxruntime when importable; tensorrt with a CUDA GPU."""
+    import importlib.util
+
+    out = []
+    if importlib.util.find_spec("onnxruntime") is not None:
+        out.append("onnxruntime")
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                out.append("tensorrt")
+        except ImportError:
+            pass
+    return out
+
+
+def _latency_config(spec):
+    from fixres_deploy.measure.bench import LatencyConfig
+
+    if isinstance(spec, str):
+        presets = {"quick": LatencyConfig.quick, "standard": LatencyConfig.standard, "thorough": LatencyConfig.thorough}
+        if spec not in presets:
+            raise UserInputError(f"latency preset must be one of {sorted(presets)}, got {spec!r}")
+        return presets[spec]()
+    return LatencyConfig.from_dict(spec)
+
+
+class _EvalCache:
+    """Preprocessed evaluation images per resolution, in memory: decode once, evaluate many."""
+
+    def __init__(self, index, base_cfg):
+        self.index = index
+        self.base_cfg = base_cfg
+        self.arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list]] = {}
+
+    def get(self, res: int):
+        if res not in self.arrays:
+            from fixres_deploy.core.preprocess import eval_transform
+            from fixres_deploy.data.folders import make_loader
+
+            xs, ys, idx, skipped = [], [], [], []
+            loader = make_loader(self.index, eval_transform(self.base_cfg.at_resolution(res)), batch_size=64)
+            for images, labels, indices, sk in progress(loader, desc=f"preprocess eval @{res}"):
+                skipped.extend(sk)
+                if images is not None:
+                    xs.append(images.numpy())
+                    ys.append(labels.numpy())
+                    idx.append(indices.numpy())
+            self.arrays.clear()  # keep one resolution at a time: memory stays bounded
+            self.arrays[res] = (np.concatenate(xs), np.concatenate(ys), np.concatenate(idx), skipped)
+        return self.arrays[res]
+
+
+def _evaluate_runner(
+    runner, x: np.ndarray, y: np.ndarray, idx: np.ndarray, skipped: list, batch: int, fixed_batch: bool
+):
+    from fixres_deploy.fixres.evaluate import AccuracyMeter
+
+    meter = AccuracyMeter()
+    meter.skips.extend(skipped)
+    with runner:
+        for s in range(0, len(x), batch):
+            xb = x[s : s + batch]
+            n = len(xb)
+            if fixed_batch and n < batch:
+                xb = np.concatenate([xb, np.zeros((batch - n,) + xb.shape[1:], dtype=xb.dtype)])
+            logits = runner.predict(np.ascontiguousarray(xb))[:n]
+            meter.update(logits, y[s : s + n], idx[s : s + n])
+    return meter.result()
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> SweepResult:
+    """`fixres-deploy sweep`: measure the grid, write OUT/sweep.json, return the result."""
+    return _Sweep(cfg, out_dir).run()
+
+
+class _Stage(Exception):
+    """A stage failed (already recorded): skip what depends on it."""
+
+
+class _Sweep:
+    """One sweep: the set-up shared by all stages, one method per stage, a flat main loop.
+
+    Every stage goes through ``self.store.run(stage, inputs, fn)``; ``inputs`` holds the hashes
+    of the upstream artifacts, so a record is reused exactly when nothing it depends on changed.
+    """
+
+    def __init__(self, cfg: SweepConfig, out_dir: str | os.PathLike):
+        import torch
+
+        from fixres_deploy.core.preprocess import resolve_preprocess
+        from fixres_deploy.data.folders import class_balanced_subset, split_by_hash
+        from fixres_deploy.fixres.evaluate import index_for_model
+        from fixres_deploy.fixres.finetune import resolve_fixres_modules
+        from fixres_deploy.fixres.prior import image_sizes_from_folder, resolution_prior
+        from fixres_deploy.measure.bench import measure_peak_gflops
+        from fixres_deploy.models.registry import load_model
+
+        self.t_start = time.perf_counter()
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ResultStore(cfg.store or self.out_dir / "store")
+        self.lat_cfg = _latency_config(cfg.latency)
+        self.versions = library_versions(
+            "torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "numpy", "fixres-deploy"
+        )
+        self.machine = machine_id()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+        self.loaded = loaded = load_model(cfg.model, cfg.num_classes, cfg.checkpoint)
+        recorded = loaded.preprocess or {}
+        base_cfg = resolve_preprocess(
+            loaded.preprocess,
+            test_input_size=cfg.train_res or recorded.get("train_input_size") or recorded.get("test_input_size"),
+            default_mean=loaded.default_mean,
+            default_std=loaded.default_std,
+        )
+        self.train_res = cfg.train_res or base_cfg.train_input_size or base_cfg.test_input_size
+        self.base_cfg = base_cfg.at_resolution(self.train_res)
+        self.train_index = index_for_model(cfg.train_data, loaded)
+        if cfg.eval_data:
+            self.eval_index = index_for_model(cfg.eval_data, loaded)
+        else:
+            self.train_index, self.eval_index = split_by_hash(self.train_index, cfg.val_fraction)
+        if cfg.eval_limit:
+            self.eval_index = class_balanced_subset(
+                self.eval_index, max(1, cfg.eval_limit // len(self.eval_index.classes))
+            )
+        self.class_names = loaded.class_names or self.train_index.classes
+        self.ckpt_sha = sha256_file(cfg.checkpoint)
+        self.train_hash = self.train_index.content_hash()
+        self.eval_hash = self.eval_index.content_hash()
+        self.prior = None
+        if cfg.resolutions:
+            self.resolutions = sorted(set(int(r) for r in cfg.resolutions))
+        else:
+            self.prior = resolution_prior(
+                self.train_res,
+                stride=cfg.prior_stride,
+                crop_pct=self.base_cfg.crop_pct,
+                image_sizes=image_sizes_from_folder(cfg.train_data, limit=300),
+                samples=50_000,
+            )
+            self.resolutions = sorted(set(self.prior.candidates) | {self.train_res})
+        self.max_batch = max(cfg.batch_sizes)
+        self.mods = resolve_fixres_modules(loaded.model)
+        peak_rec, _ = self.store.run(
+            "peak",
+            {"machine": self.machine, "versions": self.versions, "threads": cfg.threads},
+            lambda d: measure_peak_gflops(threads=cfg.threads),
+        )
+        self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
+        self.eval_cache = _EvalCache(self.eval_index, self.base_cfg)
+        self.points: list[SweepPoint] = []
+        self.failures: list[dict] = []
+
+    # -- helpers --------------------------------------------------------------------------
+    def _run(self, stage: str, inputs: dict, fn, what: str) -> dict:
+        rec, _ = self.store.run(stage, inputs, fn, retry_failed=self.cfg.retry_failed)
+        if rec["error"]:
+            self.failures.append({"stage": stage, "what": what, "error": rec["error"], "key": rec["key"]})
+            log.warning("%s failed for %s: %s", stage, what, rec["error"])
+            raise _Stage(f"{stage}: {rec['error']}")
+        return rec
+
+    # -- stages ---------------------------------------------------------------------------
+    def model_at(self, res: int, ft: bool) -> tuple[str, str]:
+        """(checkpoint path, sha256): the base model, or the FixRes fine-tune at ``res``."""
+        if not ft:
+            return self.cfg.checkpoint, self.ckpt_sha
+        import copy
+
+        from fixres_deploy.fixres.finetune import FinetuneOptions, fixres_finetune
+        from fixres_deploy.models.registry import save_checkpoint
+
+        rcfg = self.base_cfg.at_resolution(res)
+        cfg = self.cfg
+
+        def do_ft(d: Path) -> dict:
+            model = copy.deepcopy(self.loaded.model)
+            stats = fixres_finetune(
+                model,
+                self.train_index,
+                rcfg,
+                FinetuneOptions(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr),
+                mods=self.mods,
+            )
+            path = save_checkpoint(
+                d / f"model_r{res}.pt",
+                model,
+                spec=self.loaded.spec,
+                num_classes=self.loaded.num_classes,
+                class_names=self.class_names,
+                preprocess=rcfg.to_dict(),
+            )
+            return {"checkpoint": str(path), "finetune": stats.to_dict(), "files": [str(path)]}
+
+        inputs = {
+            "checkpoint": self.ckpt_sha,
+            "train": self.train_hash,
+            "resolution": res,
+            "preprocess": rcfg.to_dict(),
+            "epochs": cfg.finetune_epochs,
+            "lr": cfg.finetune_lr,
+            "modules": self.mods.to_dict(),
+            "versions": {"torch": self.versions["torch"]},
+        }
+        rec = self._run("finetune", inputs, do_ft, f"@{res}")
+        path = rec["result"]["checkpoint"]
+        return path, sha256_file(path)
+
+    def export(self, res: int, ckpt_path: str, model_sha: str, ft: bool) -> tuple[str, str, float | None]:
+        """(ONNX path, sha256, GFLOPs per image) of a dynamic-axes export of the checkpoint."""
+        from fixres_deploy.export.onnx_export import export_onnx
+        from fixres_deploy.models.flops import count_flops
+        from fixres_deploy.models.registry import load_model
+
+        rcfg = self.base_cfg.at_resolution(res)
+
+        def do_export(d: Path) -> dict:
+            lm = load_model(self.loaded.spec, self.loaded.num_classes, ckpt_path, image_size=res)
+            path = d / f"model_r{res}.onnx"
+            er = export_onnx(
+                lm.model,
+                path,
+                rcfg,
+                dynamic=True,
+                exporter=self.cfg.exporter,
+                validation_images=self.train_index,
+                validate_resolutions=[res],
+                class_names=self.class_names,
+                model_spec=self.loaded.spec,
+                write_sidecar=False,
+            )
+            return {"onnx": str(path), "export": er.to_dict(), "files": [str(path)]}
+
+        inputs = {
+            "model": model_sha,
+            "preprocess": rcfg.to_dict(),
+            "exporter": self.cfg.exporter,
+            "class_names": self.class_names,
+            "versions": self.versions,
+        }
+        rec = self._run("export", inputs, do_export, f"@{res} ft={ft}")
+        path = rec["result"]["onnx"]
+        sha = sha256_file(path)
+        flops_rec, _ = self.store.run(
+            "flops", {"onnx": sha, "resolution": res}, lambda d: count_flops(path, res).to_dict()
+        )
+        return path, sha, (flops_rec.get("result") or {}).get("total_gflops")
+
+    def variant(
+        self, res: int, onnx_path: str, onnx_sha: str, precision: str, backend: str, ft: bool
+    ) -> tuple[str, str, dict]:
+        """(path, sha256, int8 details) of the precision variant for ``backend``."""
+        from fixres_deploy.data.folders import class_balanced_subset
+        from fixres_deploy.precision.calibration import calibration_batches
+        from fixres_deploy.precision.variants import default_int8_flavor, make_precision_variant
+
+        cfg = self.cfg
+        rcfg = self.base_cfg.at_resolution(res)
+        int8 = precision == "int8"
+        flavor = default_int8_flavor(backend) if int8 else None
+
+        def do_variant(d: Path) -> dict:
+            batches = None
+            if int8:
+                per_class = max(1, cfg.calibration_size // len(self.train_index.classes))
+                batches = calibration_batches(class_balanced_subset(self.train_index, per_class), rcfg)
+            v = make_precision_variant(
+                onnx_path,
+                precision,
+                str(d / f"model_r{res}.{precision}.onnx"),
+                calibration_batches=batches,
+                flavor=flavor or "tensorrt",
+                method=cfg.calibration_method,
+                float_layers=None if cfg.int8_float_layers == "none" else cfg.int8_float_layers,
+            )
+            return {"variant": v.to_dict(), "path": v.path, "files": [v.path]}
+
+        inputs = {
+            "onnx": onnx_sha,
+            "precision": precision,
+            "flavor": flavor,
+            "method": cfg.calibration_method if int8 else None,
+            "float_layers": cfg.int8_float_layers if int8 else None,
+            "calibration": {"train": self.train_hash, "n": cfg.calibration_size, "preprocess": rcfg.to_dict()}
+            if int8
+            else None,
+            "versions": self.versions,
+        }
+        rec = self._run("variant", inputs, do_variant, f"{precision} @{res} ft={ft}")
+        path = rec["result"]["path"]
+        quant = {k: rec["result"]["variant"].get(k) for k in ("flavor", "float_layers", "calibration")} if int8 else {}
+        return path, sha256_file(path), quant
+
+    def shapes_for(self, res: int, mode: str) -> dict[int, object]:
+        """ShapeSpec per batch size: fixed engines per batch; one dynamic engine for all."""
+        from fixres_deploy.backends.base import ShapeProfile, ShapeSpec
+
+        if mode == "fixed":
+            return {b: ShapeSpec.fixed(b, res) for b in sorted(set(self.cfg.batch_sizes) | {self.max_batch})}
+        # one profile over every candidate resolution and batch, tuned (opt) for this one
+        band = ShapeSpec.resolution_bands(self.resolutions, max_batch=self.max_batch).profiles[0]
+        dyn = ShapeSpec.dynamic([ShapeProfile(band.min, (self.max_batch, 3, res, res), band.max)])
+        return {b: dyn for b in self.cfg.batch_sizes}
+
+    def engine(self, var_path: str, var_sha: str, backend: str, precision: str, shapes, what: str) -> dict:
+        from fixres_deploy.backends.base import BuildOptions, build_engine
+
+        def do_engine(d: Path) -> dict:
+            art = build_engine(
+                backend, var_path, shapes, BuildOptions(threads=self.cfg.threads), out_dir=str(d), precision=precision
+            )
+            if art.error:
+                raise RuntimeError(art.error)
+            files = [art.path] if art.path and str(art.path).startswith(str(d)) else []
+            return {"artifact": art.to_dict(), "files": files}
+
+        inputs = {
+            "variant": var_sha,
+            "backend": backend,
+            "shapes": shapes.to_dict(),
+            "threads": self.cfg.threads,
+            "versions": self.versions,
+        }
+        return self._run("engine", inputs, do_engine, what)["result"]["artifact"]
+
+    def accuracy(self, art: dict, res: int, mode: str, what: str) -> dict:
+        """Top-1/top-5 of the engine itself on the evaluation images (once per engine graph)."""
+        from fixres_deploy.backends.base import load_runner
+        from fixres_deploy.fixres.evaluate import pack_bits
+
+        def do_acc(d: Path) -> dict:
+            x, y, idx, skipped = self.eval_cache.get(res)
+            r = _evaluate_runner(load_runner(art), x, y, idx, skipped, self.max_batch, fixed_batch=(mode == "fixed"))
+            return {
+                "top1": r.top1,
+                "top1_ci": list(r.top1_ci),
+                "top5": r.top5,
+                "top5_ci": list(r.top5_ci),
+                "n": r.n,
+                "skipped": r.skipped,
+                "correct1_bits": pack_bits(r.correct1),
+            }
+
+        inputs = {
+            "engine": art.get("sha256") or art.get("path"),
+            "eval": self.eval_hash,
+            "preprocess": self.base_cfg.at_resolution(res).to_dict(),
+            "batch": self.max_batch,
+            "versions": self.versions,
+        }
+        return self._run("accuracy", inputs, do_acc, what)["result"]
+
+    def latency(self, art: dict, batch: int, res: int, what: str) -> dict:
+        from fixres_deploy.backends.base import load_runner
+        from fixres_deploy.measure.bench import measure_latency
+
+        def do_lat(d: Path) -> dict:
+            x = np.random.default_rng(0).standard_normal((batch, 3, res, res)).astype(np.float32)
+            with load_runner(art) as runner:
+                return measure_latency(runner, x, self.lat_cfg).to_dict()
+
+        inputs = {
+            "engine": art.get("sha256") or art.get("path"),
+            "batch": batch,
+            "resolution": res,
+            "latency": self.lat_cfg.to_dict(),
+            "machine": self.machine,
+            "threads": self.cfg.threads,
+            "versions": self.versions,
+        }
+        rec = self._run("latency", inputs, do_lat, what)
+        return {**rec["result"], "key": rec["key"]}
+
+    # -- grid -----------------------------------------------------------------------------
+    def measure_mode(self, base: dict, var_path: str, var_sha: str, mode: str) -> None:
+        """Engines, accuracy and latency of one (variant, backend, shape mode): one point per batch."""
+        res, backend, precision = base["resolution"], base["backend"], base["precision"]
+        what = f"{backend} {precision} @{res} {mode}{' FixRes' if base['finetuned'] else ''}"
+        engines: dict[int, dict] = {}
+        try:
+            for b, shapes in self.shapes_for(res, mode).items():
+                engines[b] = (
+                    engines[next(iter(engines))]
+                    if mode == "dynamic" and engines
+                    else self.engine(var_path, var_sha, backend, precision, shapes, what)
+                )
+            acc = self.accuracy(
+                engines[self.max_batch] if mode == "fixed" else engines[self.cfg.batch_sizes[0]], res, mode, what
+            )
+        except _Stage as exc:
+            self.points.extend(SweepPoint(batch_size=b, error=str(exc), **base) for b in self.cfg.batch_sizes)
+            return
+        for b in self.cfg.batch_sizes:
+            art = engines[b]
+            point = SweepPoint(
+                batch_size=b,
+                **base,
+                top1=acc["top1"],
+                top1_ci=acc["top1_ci"],
+                top5=acc["top5"],
+                top5_ci=acc["top5_ci"],
+                n=acc["n"],
+                correct1_bits=acc["correct1_bits"],
+                engine_path=art.get("path"),
+                engine=art,
+            )
+            try:
+                lat = self.latency(art, b, res, f"{what} b{b}")
+                point.key = lat["key"]
+                _fill_latency(point, lat)
+            except _Stage as exc:
+                point.error = str(exc)
+            self.points.append(point)
+
+    def run(self) -> SweepResult:
+        cfg = self.cfg
+        per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
+        bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
+        for res in self.resolutions:
+            for ft in cfg.finetune:
+                bar.set_postfix_str(f"{'fine-tune + ' if ft else ''}export @{res}")
+                try:
+                    ckpt_path, model_sha = self.model_at(res, ft)
+                    onnx_path, onnx_sha, gflops = self.export(res, ckpt_path, model_sha, ft)
+                except _Stage:
+                    bar.update(per_model)
+                    continue
+                for precision in cfg.precisions:
+                    for backend in cfg.backends:
+                        base = dict(
+                            resolution=res,
+                            precision=precision,
+                            backend=backend,
+                            finetuned=ft,
+                            checkpoint=ckpt_path,
+                            gflops_per_image=gflops,
+                            peak_gflops=self.peak,
+                        )
+                        try:
+                            var_path, var_sha, quant = self.variant(res, onnx_path, onnx_sha, precision, backend, ft)
+                        except _Stage as exc:
+                            self.points.extend(
+                                SweepPoint(batch_size=b, shape_mode=m, error=str(exc), **base)
+                                for m in cfg.shape_modes
+                                for b in cfg.batch_sizes
+                            )
+                            bar.update(len(cfg.shape_modes))
+                            continue
+                        for mode in cfg.shape_modes:
+                            bar.set_postfix_str(f"{backend} {precision} @{res} {mode}{' FixRes' if ft else ''}")
+                            self.measure_mode(
+                                dict(base, shape_mode=mode, onnx_path=var_path, quant=quant), var_path, var_sha, mode
+                            )
+                            bar.update(1)
+        bar.close()
+        result = SweepResult(
+            points=self.points,
+            train_res=self.train_res,
+            resolutions=self.resolutions,
+            config=cfg.to_dict(),
+            prior=self.prior.to_dict() if self.prior else None,
+            class_names=list(self.class_names),
+            preprocess=self.base_cfg.to_dict(),
+            peak_gflops=self.peak,
+            seconds=time.perf_counter() - self.t_start,
+            store_hits=self.store.hits,
+            store_misses=self.store.misses,
+            failures=self.failures,
+            finetune_curve=_curve_from_points(self.points, self.train_res),
+        )
+        write_json(self.out_dir / "sweep.json", result.to_dict())
+        return result
+
+
+def _fill_latency(point: SweepPoint, lat: dict) -> None:
+    point.latency_p50_ms = lat["latency_p50_ms"]
+    point.latency_p90_ms = lat["latency_p90_ms"]
+    point.latency_p99_ms = lat["latency_p99_ms"]
+    point.latency_mean_ms = lat["latency_mean_ms"]
+    point.latency_std_ms = lat["latency_std_ms"]
+    point.throughput_ips = lat["throughput_ips"]
+    point.contended = bool(lat.get("contended"))
+    point.latency_meta = {
+        "repeat_p50_ms": lat.get("latency_p50_repeats_ms"),
+        "iters": lat.get("iters"),
+        "threads": lat.get("threads"),
+        "load": lat.get("load"),
+        "remeasured": lat.get("remeasured"),
+        "p50_spread_pct": lat.get("p50_spread_pct"),
+    }
+    if point.gflops_per_image and point.throughput_ips:
+        point.achieved_gflops = point.gflops_per_image * point.throughput_ips
+
+
+def _curve_from_points(points: Sequence[SweepPoint], train_res: int) -> list[dict]:
+    """Top-1 per resolution with and without fine-tuning (fp32; any backend/mode/batch)."""
+    out: dict[tuple[int, bool], SweepPoint] = {}
+    for p in points:
+        if p.precision == "fp32" and p.top1 is not None:
+            out.setdefault((p.resolution, p.finetuned), p)
+    rows = []
+    for res in sorted({r for r, _ in out}):
+        row = {"resolution": res, "is_train_res": res == train_res}
+        for ft, name in ((False, "no_finetune"), (True, "finetuned")):
+            p = out.get((res, ft))
+            row[name] = {"top1": p.top1, "top1_ci": p.top1_ci} if p else None
+        rows.append(row)
+    return rows
