@@ -1,17 +1,10 @@
 """`fixres-deploy build`: engines for every backend × precision × shape, recorded in one index.
 
-For each precision the ONNX precision variant (fp16 graph, int8 Q/DQ graph) is made ONCE per
-(precision, flavor, calibration resolution) and shared by every engine that needs it:
-
-* fp32: the exported ONNX itself.
-* fp16: an fp16 graph (TensorRT 11 has no FP16 builder flag; ``legacy_fp16_flag`` keeps the
-  TensorRT 10 weak-typing route on the fp32 graph instead).
-* int8: explicit Q/DQ from calibration images preprocessed exactly as in deployment, at the
-  engine's resolution (retinanet-examples #255). The Q/DQ flavor follows the backend:
-  TensorRT needs symmetric s8 with zero-point 0; ONNX Runtime on a CPU is fast only with u8
-  activations (measured with and without VNNI), so it gets ``default_int8_flavor("onnxruntime")``.
-  A dynamic engine has one Q/DQ graph for all its shapes: it is calibrated at a profile's
-  opt resolution, and the index says which.
+Every engine is made by the shared routine :mod:`fixres_deploy.engines.engine` (the one the
+sweep, ``bench`` and ``run`` use): each precision variant (fp16 graph, int8 Q/DQ graph) is made
+ONCE per (precision, flavor, calibration resolution) and shared by every engine that needs it.
+A dynamic engine has one Q/DQ graph for all its shapes: it is calibrated at a profile's opt
+resolution, and the index says which.
 
 A failed build (including a missing library for one backend) is recorded with its message
 and exception type; the other builds go on. ``index.json`` lists every artifact (flat
@@ -35,19 +28,18 @@ from fixres_deploy.backends.base import (
     BuildOptions,
     EngineArtifact,
     ShapeSpec,
-    build_engine,
     check_onnx_accepts,
     error_artifact,
     onnx_io,
 )
 from fixres_deploy.core.errors import MissingDependencyError, UserInputError
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
+from fixres_deploy.engines.engine import EngineMaker, engine_name, with_timing_cache
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "fixres-deploy/build-index"
-TIMING_CACHE_NAME = "tensorrt.timing.cache"
 
 
 @dataclass
@@ -264,8 +256,8 @@ def build_engines(
     batch_sizes = [int(b) for b in batch_sizes]
     _validate_request(onnx_path, backends, precisions, resolutions, batch_sizes, max_batch, bands)
     options = options or BuildOptions()
-    if "tensorrt" in backends and not options.timing_cache:
-        options = BuildOptions(**{**options.to_dict(), "timing_cache": os.path.join(out_dir, TIMING_CACHE_NAME)})
+    if "tensorrt" in backends:
+        options = with_timing_cache(options, out_dir)
 
     from fixres_deploy.export.onnx_export import read_onnx_preprocess
 
@@ -289,17 +281,24 @@ def build_engines(
                 opt_batch = min(batch_sizes[0], max_batch)
                 shapes = ShapeSpec.resolution_bands(resolutions, max_batch=max_batch, opt_batch=opt_batch, bands=bands)
                 plans.append(
-                    _Plan(backend, precision, shapes, f"{backend}_{precision}_dynamic", _calibration_resolution(shapes))
+                    _Plan(
+                        backend,
+                        precision,
+                        shapes,
+                        engine_name(backend, precision, shapes),
+                        _calibration_resolution(shapes),
+                    )
                 )
             else:
                 for r in resolutions:
                     for b in batch_sizes:
+                        shapes = ShapeSpec.fixed(b, r)
                         plans.append(
                             _Plan(
                                 backend,
                                 precision,
-                                ShapeSpec.fixed(b, r),
-                                f"{backend}_{precision}_r{r}_b{b}",
+                                shapes,
+                                engine_name(backend, precision, shapes),
                                 r,
                                 resolution=r,
                                 batch=b,
@@ -312,30 +311,29 @@ def build_engines(
         check_onnx_accepts(onnx_path, plan.shapes, io)
     os.makedirs(out_dir, exist_ok=True)
 
-    variants = _VariantMaker(
+    maker = EngineMaker(
         onnx_path,
         out_dir,
-        cfg,
+        preprocess=cfg,
         calibration_data=calibration_data,
         calibration_method=calibration_method,
         calibration_limit=calibration_limit,
+        calibration_cache=calibration_cache,
         int8_flavor=int8_flavor,
         float_layers=float_layers,
-        legacy_fp16_flag=options.legacy_fp16_flag,
-        calibration_cache=calibration_cache,
-        providers=options.providers,
+        options=options,
     )
     unavailable = {b: _unavailable(b) for b in backends}
     entries = []
     for plan in progress(plans, desc="engines"):
-        entries.append(_build_one(plan, onnx_path, options, out_dir, variants, unavailable[plan.backend]))
+        entries.append(_build_one(plan, onnx_path, out_dir, maker, unavailable[plan.backend]))
 
     index = BuildIndex(
         source_onnx=os.path.abspath(onnx_path),
         source_sha256=sha256_file(onnx_path),
         out_dir=out_dir,
         artifacts=entries,
-        variants=variants.records(),
+        variants=[_rel_quant(v, out_dir) for v in maker.records()],
         request={
             "backends": backends,
             "precisions": precisions,
@@ -373,29 +371,36 @@ def _unavailable(backend: str) -> MissingDependencyError | None:
     return None
 
 
+def _rel_quant(quant: dict | None, out_dir: str) -> dict | None:
+    if quant and quant.get("variant_path"):
+        quant = dict(quant, variant_path=_rel(quant["variant_path"], out_dir))
+    return quant
+
+
 def _build_one(
     plan: _Plan,
     onnx_path: str,
-    options: BuildOptions,
     out_dir: str,
-    variants: _VariantMaker,
+    maker: EngineMaker,
     unavailable: MissingDependencyError | None = None,
 ) -> dict:
     quant = None
     try:
         if unavailable is not None:
             raise unavailable  # no precision variant is made for a backend that cannot build
-        source, quant = variants.get(
-            plan.backend, plan.precision, plan.calibration_resolution, dynamic=plan.shapes.mode == "dynamic"
+        art, quant = maker.engine(
+            plan.backend,
+            plan.precision,
+            plan.shapes,
+            calibration_resolution=plan.calibration_resolution,
+            name=plan.name,
         )
-        if plan.backend == "tensorrt" and plan.precision == "int8":
-            problems = variants.tensorrt_problems(source)
-            if problems:
-                raise UserInputError(f"the Q/DQ graph '{source}' is not TensorRT-compatible: {'; '.join(problems)}")
-        art = build_engine(
-            plan.backend, source, plan.shapes, options, out_dir=out_dir, precision=plan.precision, name=plan.name
-        )
-    except Exception as exc:  # a missing library, a bad variant, a backend bug: recorded, the sweep goes on
+        if quant and plan.precision == "int8" and plan.shapes.mode == "dynamic":
+            quant["calibration_note"] = (
+                f"dynamic engine: one Q/DQ graph for every profile, calibrated at the "
+                f"profile opt resolution {plan.calibration_resolution}; other resolutions reuse those ranges"
+            )
+    except Exception as exc:  # a missing library, a bad variant, a backend bug: recorded, the build goes on
         log.warning("build %s failed: %s: %s", plan.name, type(exc).__name__, exc)
         art = error_artifact(plan.backend, plan.precision, onnx_path, plan.shapes, exc)
     entry = art.to_dict()
@@ -408,154 +413,8 @@ def _build_one(
             "resolution": plan.resolution,
             "batch": plan.batch,
             "profiles": [p.to_dict() for p in plan.shapes.profiles] if plan.shapes.mode == "dynamic" else None,
-            "quant": quant,
+            "quant": _rel_quant(quant, out_dir),
             "error_type": (art.meta or {}).get("error_type") if art.error else None,
         }
     )
     return entry
-
-
-class _VariantMaker:
-    """Makes each precision variant once and remembers failures (so they are not retried per engine)."""
-
-    def __init__(
-        self,
-        onnx_path,
-        out_dir,
-        cfg,
-        *,
-        calibration_data,
-        calibration_method,
-        calibration_limit,
-        int8_flavor,
-        float_layers,
-        legacy_fp16_flag,
-        calibration_cache=None,
-        providers=None,
-    ):
-        self.onnx_path = onnx_path
-        self.out_dir = out_dir
-        self.cfg = cfg
-        self.calibration_data = calibration_data
-        self.calibration_method = calibration_method
-        self.calibration_limit = calibration_limit
-        self.int8_flavor = int8_flavor
-        self.float_layers = float_layers
-        self.legacy_fp16_flag = legacy_fp16_flag
-        self.calibration_cache = calibration_cache
-        self.providers = providers
-        self._variants: dict[tuple, tuple[str, dict] | BaseException] = {}
-        self._batches: dict[int, Any] = {}
-        self._trt_checks: dict[str, list[str]] = {}
-
-    def flavor(self, backend: str, precision: str) -> str | None:
-        """The Q/DQ flavor for int8 (None for fp16: one fp16 graph serves every backend)."""
-        if precision != "int8":
-            return None
-        if self.int8_flavor:
-            return self.int8_flavor
-        from fixres_deploy.precision.variants import default_int8_flavor
-
-        return default_int8_flavor(backend, device=self.device_of(backend))
-
-    def device_of(self, backend: str) -> str:
-        gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-        if backend == "onnxruntime" and gpu_providers & set(self.providers or []):
-            return "cuda"
-        return "cuda" if backend == "tensorrt" else "cpu"
-
-    def get(self, backend: str, precision: str, calibration_resolution: int | None, *, dynamic: bool):
-        """(ONNX path to build from, quant info or None)."""
-        if backend == "torch" or precision == "fp32":
-            return self.onnx_path, None
-        if backend == "tensorrt" and precision == "fp16" and self.legacy_fp16_flag:
-            return self.onnx_path, {
-                "precision": "fp16",
-                "route": "TensorRT 10 BuilderFlag.FP16 on the fp32 graph",
-                "variant_path": None,
-            }
-        flavor = self.flavor(backend, precision)
-        res = calibration_resolution if precision == "int8" else None
-        key = (precision, flavor, res)
-        if key not in self._variants:
-            try:
-                self._variants[key] = self._make(precision, flavor, res, dynamic)
-            except Exception as exc:  # recorded once, reported by every engine that needed it
-                self._variants[key] = exc
-        made = self._variants[key]
-        if isinstance(made, BaseException):
-            raise made
-        path, info = made
-        return path, dict(info)
-
-    def _make(self, precision: str, flavor: str, res: int | None, dynamic: bool) -> tuple[str, dict]:
-        from fixres_deploy.precision.variants import make_precision_variant
-
-        stem = os.path.splitext(os.path.basename(self.onnx_path))[0]
-        tag = ".".join(t for t in (precision, flavor, f"r{res}" if res else None) if t)
-        out_path = os.path.join(self.out_dir, "variants", f"{stem}.{tag}.onnx")
-        batches = None
-        if precision == "int8":
-            batches = self._calibration(res)
-        t0 = time.perf_counter()
-        kw = {"flavor": flavor} if flavor else {}
-        variant = make_precision_variant(
-            self.onnx_path,
-            precision,
-            out_path,
-            calibration_batches=batches,
-            method=self.calibration_method,
-            float_layers=self.float_layers,
-            cache=self.calibration_cache,
-            **kw,
-        )
-        info = variant.to_dict()
-        info.update(
-            {
-                "variant_path": _rel(variant.path, self.out_dir),
-                "variant_sha256": sha256_file(variant.path),
-                "variant_s": round(time.perf_counter() - t0, 3),
-            }
-        )
-        if precision == "int8":
-            info["calibration_resolution"] = res
-            info["calibration_images"] = len(batches)
-            if dynamic:
-                info["calibration_note"] = (
-                    f"dynamic engine: one Q/DQ graph for every profile, calibrated at the "
-                    f"profile opt resolution {res}; other resolutions reuse those ranges"
-                )
-        return variant.path, info
-
-    def _calibration(self, res: int):
-        if res not in self._batches:
-            from fixres_deploy.precision.calibration import calibration_batches
-
-            self._batches[res] = calibration_batches(
-                self.calibration_data, self.cfg.at_resolution(res), limit=self.calibration_limit
-            )
-        return self._batches[res]
-
-    def tensorrt_problems(self, path: str) -> list[str]:
-        if path not in self._trt_checks:
-            from fixres_deploy.precision.variants import check_tensorrt_qdq
-
-            self._trt_checks[path] = list(check_tensorrt_qdq(path))
-        return self._trt_checks[path]
-
-    def records(self) -> list[dict]:
-        out = []
-        for (precision, flavor, res), made in self._variants.items():
-            if isinstance(made, BaseException):
-                out.append(
-                    {
-                        "precision": precision,
-                        "flavor": flavor,
-                        "calibration_resolution": res,
-                        "error": f"{type(made).__name__}: {made}",
-                        "error_type": type(made).__name__,
-                    }
-                )
-            else:
-                out.append(made[1])
-        return out

@@ -918,8 +918,9 @@ def bench_onnx(
 
     A dynamic graph is measured at every requested resolution; a fixed one only at its own
     (asking for another raises ShapeError naming what it accepts). The file is built into an
-    engine of ``backend`` (:func:`fixres_deploy.backends.build_engine`) in ``work_dir`` (a
-    temporary folder by default); all shapes are measured interleaved.
+    engine of ``backend`` by the shared engine routine
+    (:func:`fixres_deploy.engines.engine.build_verified_engine`, the checks of ``build``) in
+    ``work_dir`` (a temporary folder by default); all shapes are measured interleaved.
 
     Args:
         onnx_path: the model.
@@ -933,7 +934,8 @@ def bench_onnx(
         interleave: measure all shapes round-robin (False: one after the other).
         work_dir: where the engine is built.
     """
-    from fixres_deploy.backends.base import BuildOptions, build_engine
+    from fixres_deploy.backends.base import BuildOptions
+    from fixres_deploy.engines.engine import build_verified_engine
 
     if not os.path.isfile(onnx_path):
         raise UserInputError(f"ONNX file '{onnx_path}' does not exist")
@@ -945,13 +947,13 @@ def bench_onnx(
     pk = _peak_for(peak, threads)
     with contextlib.ExitStack() as stack:
         out_dir = work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fixres-bench-"))
-        artifact = build_engine(
+        artifact = build_verified_engine(
             backend,
             onnx_path,
+            precision,
             spec,
             BuildOptions(threads=threads, save_optimized=False),
             out_dir=out_dir,
-            precision=precision,
             name=f"bench_{backend}_{precision}",
         )
         plan = _Plan(

@@ -407,42 +407,58 @@ class _Sweep:
         )
         return path, sha, (flops_rec.get("result") or {}).get("total_gflops")
 
+    def build_options(self):
+        """The BuildOptions of every sweep engine (TensorRT timing cache kept in the store)."""
+        from fixres_deploy.backends.base import BuildOptions
+        from fixres_deploy.engines.engine import with_timing_cache
+
+        return with_timing_cache(BuildOptions(threads=self.cfg.threads), self.store.root)
+
     def variant(
         self, res: int, onnx_path: str, onnx_sha: str, precision: str, backend: str, ft: bool
     ) -> tuple[str, str, dict]:
-        """(path, sha256, int8 details) of the precision variant for ``backend``."""
+        """(path, sha256, int8 details) of the precision variant for ``backend``.
+
+        The recipe and the file come from :mod:`fixres_deploy.engines.engine`, exactly as in
+        ``fixres-deploy build``; only the caching (result store) is the sweep's.
+        """
         from fixres_deploy.data.folders import class_balanced_subset
-        from fixres_deploy.precision.calibration import calibration_batches
-        from fixres_deploy.precision.variants import default_int8_flavor, make_precision_variant
+        from fixres_deploy.engines.engine import legacy_fp16_quant, make_variant, variant_recipe
 
         cfg = self.cfg
-        rcfg = self.base_cfg.at_resolution(res)
         int8 = precision == "int8"
-        flavor = default_int8_flavor(backend) if int8 else None
+        recipe = variant_recipe(backend, precision, res if int8 else None, options=self.build_options())
+        if recipe.route == "source":
+            return onnx_path, onnx_sha, {}
+        if recipe.route == "legacy_fp16":
+            return onnx_path, onnx_sha, legacy_fp16_quant()
 
         def do_variant(d: Path) -> dict:
-            batches = None
+            calibration = None
             if int8:
                 per_class = max(1, cfg.calibration_size // len(self.train_index.classes))
-                batches = calibration_batches(class_balanced_subset(self.train_index, per_class), rcfg)
-            v = make_precision_variant(
+                calibration = class_balanced_subset(self.train_index, per_class)
+            info = make_variant(
                 onnx_path,
-                precision,
-                str(d / f"model_r{res}.{precision}.onnx"),
-                calibration_batches=batches,
-                flavor=flavor or "tensorrt",
-                method=cfg.calibration_method,
-                float_layers=None if cfg.int8_float_layers == "none" else cfg.int8_float_layers,
+                recipe,
+                d,
+                calibration_data=calibration,
+                preprocess=self.base_cfg,
+                calibration_method=cfg.calibration_method,
+                float_layers=cfg.int8_float_layers,
             )
-            return {"variant": v.to_dict(), "path": v.path, "files": [v.path]}
+            return {"variant": info, "path": info["variant_path"], "files": [info["variant_path"]]}
 
         inputs = {
             "onnx": onnx_sha,
-            "precision": precision,
-            "flavor": flavor,
+            "recipe": recipe.to_dict(),
             "method": cfg.calibration_method if int8 else None,
             "float_layers": cfg.int8_float_layers if int8 else None,
-            "calibration": {"train": self.train_hash, "n": cfg.calibration_size, "preprocess": rcfg.to_dict()}
+            "calibration": {
+                "train": self.train_hash,
+                "n": cfg.calibration_size,
+                "preprocess": self.base_cfg.at_resolution(res).to_dict(),
+            }
             if int8
             else None,
             "versions": self.versions,
@@ -464,12 +480,13 @@ class _Sweep:
         return {b: dyn for b in self.cfg.batch_sizes}
 
     def engine(self, var_path: str, var_sha: str, backend: str, precision: str, shapes, what: str) -> dict:
-        from fixres_deploy.backends.base import BuildOptions, build_engine
+        """The engine of one variant and shape spec, built and checked as ``fixres-deploy build`` does."""
+        from fixres_deploy.engines.engine import build_verified_engine
+
+        options = self.build_options()
 
         def do_engine(d: Path) -> dict:
-            art = build_engine(
-                backend, var_path, shapes, BuildOptions(threads=self.cfg.threads), out_dir=str(d), precision=precision
-            )
+            art = build_verified_engine(backend, var_path, precision, shapes, options, out_dir=d)
             if art.error:
                 raise RuntimeError(art.error)
             files = [art.path] if art.path and str(art.path).startswith(str(d)) else []
@@ -478,8 +495,9 @@ class _Sweep:
         inputs = {
             "variant": var_sha,
             "backend": backend,
+            "precision": precision,
             "shapes": shapes.to_dict(),
-            "threads": self.cfg.threads,
+            "options": {k: v for k, v in options.to_dict().items() if k != "timing_cache"},
             "versions": self.versions,
         }
         return self._run("engine", inputs, do_engine, what)["result"]["artifact"]
