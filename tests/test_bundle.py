@@ -521,7 +521,7 @@ def test_cli_bundle_from_index(tmp_path, cfg, capsys):
         num_classes=10,
         class_names=CLASSES,
         preprocess=cfg.to_dict(),
-        extra={"fixres": {"resolution": 64}},
+        fixres=fixres_record(64, {}),
     )
     write_json(tmp_path / "point.json", {"top1": 0.93, "latency_p50_ms": 2.0})
     out = tmp_path / "ship" / "b1"

@@ -722,7 +722,7 @@ def finetune_resolutions(
         out_dir: where to save ``model_r{K}.pt`` checkpoints (with their preprocessing).
     """
     from fixres_deploy.fixres.evaluate import evaluate_model
-    from fixres_deploy.models.registry import save_checkpoint
+    from fixres_deploy.models.registry import fixres_record, save_checkpoint
 
     opts = opts or FinetuneOptions()
     mods = resolve_fixres_modules(loaded.model, bn=bn, head=head)
@@ -743,14 +743,7 @@ def finetune_resolutions(
                 num_classes=loaded.num_classes,
                 class_names=loaded.class_names or train_index.classes,
                 preprocess=cfg.to_dict(),
-                extra={
-                    "fixres": {
-                        "resolution": res,
-                        "finetune": stats.to_dict(),
-                        "top1_before": before.top1,
-                        "top1_after": after.top1,
-                    }
-                },
+                fixres=fixres_record(res, stats.to_dict(), top1_before=before.top1, top1_after=after.top1),
             )
         log.info("@%d: top-1 %.4f -> %.4f (%s, %.1f s)", res, before.top1, after.top1, stats.mode, stats.total_s)
         results.append(

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fixres_deploy.core import env
 from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.measure import sysload
 
@@ -579,29 +579,6 @@ def measure_peak_gflops(*, n: int = 1024, dtype: str = "float32", threads: int |
     return dict(out)
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on (CPU model, cores, library versions)."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    for mod in ("onnxruntime", "torch", "tensorrt"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            info[mod] = getattr(m, "__version__", None)
-    return info
-
-
 # --------------------------------------------------------------------------- engine benchmarks
 
 
@@ -968,7 +945,7 @@ def bench_onnx(
         rows=rows,
         source=os.fspath(onnx_path),
         peak=pk,
-        machine=machine_info(),
+        machine=env.machine_info(),
         latency_config=latency.to_dict(),
         created=_now(),
     )
@@ -1069,7 +1046,7 @@ def bench_artifacts(
         if p.runner is not None and getattr(p.runner, "is_active", False):
             p.runner.deactivate()
     return BenchReport(
-        rows=rows, source=source, peak=pk, machine=machine_info(), latency_config=latency.to_dict(), created=_now()
+        rows=rows, source=source, peak=pk, machine=env.machine_info(), latency_config=latency.to_dict(), created=_now()
     )
 
 

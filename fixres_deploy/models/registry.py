@@ -12,7 +12,9 @@ Model specs:
 
 Checkpoints are read with ``torch.load(..., weights_only=True)``: a plain state dict, a dict with
 a ``state_dict`` or ``model`` key, or a checkpoint written by this toolkit (which also carries
-the model spec, class names and preprocessing).
+the model spec, class names and preprocessing). :func:`save_checkpoint` is the only writer and
+:func:`read_checkpoint` the only reader of the toolkit's checkpoint schema
+(``format`` ``fixres-deploy/checkpoint``, ``schema_version`` :data:`CHECKPOINT_SCHEMA_VERSION`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from fixres_deploy.core.errors import ModelLoadError, UserInputError, require
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fixres-deploy/checkpoint"
+CHECKPOINT_SCHEMA_VERSION = 2
+#: the metadata fields of a fixres-deploy checkpoint (besides format, schema_version, state_dict)
+CHECKPOINT_FIELDS = ("model", "num_classes", "class_names", "preprocess", "fixres", "train")
 EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
 EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 BUILTIN_MODELS = ("tiny_resnet", "efficientnet_lite0")
@@ -236,7 +241,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         ) from exc
     meta: dict = {}
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        from fixres_deploy.core.schema import check_schema
+
+        check_schema(
+            obj,
+            CHECKPOINT_FORMAT,
+            CHECKPOINT_SCHEMA_VERSION,
+            path,
+            "Re-save it with the fixres-deploy version that wrote it, or pass its plain state dict "
+            "(torch.save(ckpt['state_dict'], 'weights.pt')) together with --model.",
+        )
+        meta = {k: obj.get(k) for k in CHECKPOINT_FIELDS}
         state = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state = obj["state_dict"]
@@ -356,6 +371,19 @@ def _infer_num_classes(model) -> int:
     return int(linears[-1].out_features)
 
 
+def fixres_record(
+    resolution: int, finetune: dict, *, top1_before: float | None = None, top1_after: float | None = None
+) -> dict:
+    """The ``fixres`` field of a FixRes fine-tuned checkpoint (the same for every writer).
+
+    Args:
+        resolution: the test resolution the model was fine-tuned for.
+        finetune: ``FinetuneStats.to_dict()``.
+        top1_before, top1_after: held-out top-1 before/after, when measured.
+    """
+    return {"resolution": int(resolution), "finetune": finetune, "top1_before": top1_before, "top1_after": top1_after}
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model,
@@ -364,12 +392,17 @@ def save_checkpoint(
     num_classes: int,
     class_names: list[str] | None = None,
     preprocess: dict | None = None,
-    extra: dict | None = None,
+    fixres: dict | None = None,
+    train: dict | None = None,
 ) -> str:
     """Write a fixres-deploy checkpoint atomically (temp file + rename); return its path.
 
     Only tensors, strings, numbers, lists and dicts are stored, so it loads with
     ``weights_only=True``.
+
+    Args:
+        fixres: :func:`fixres_record` of a FixRes fine-tune (None for a base model).
+        train: the training summary of ``fixres-deploy train`` (None otherwise).
     """
     import torch
 
@@ -377,15 +410,15 @@ def save_checkpoint(
 
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "schema_version": CHECKPOINT_SCHEMA_VERSION,
         "model": spec,
         "num_classes": int(num_classes),
         "class_names": list(class_names) if class_names else None,
         "preprocess": preprocess,
+        "fixres": fixres,
+        "train": train,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    if extra:
-        payload.update(extra)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return os.fspath(path)

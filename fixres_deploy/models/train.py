@@ -192,7 +192,7 @@ def train_and_save(
         num_classes=num_classes,
         class_names=train_index.classes,
         preprocess=cfg.to_dict(),
-        extra={"train": summary},
+        train=summary,
     )
     summary["checkpoint"] = os.fspath(out_path)
     return summary

@@ -1211,17 +1211,11 @@ def make_precision_variant(
     raise UserInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def cpu_has_vnni(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU advertises AVX512-VNNI or AVX-VNNI (Linux /proc/cpuinfo flags)."""
-    try:
-        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_vnni", "avx_vnni"} & flags)
-    except OSError:
-        pass
-    return False
+def cpu_has_vnni(cpuinfo_path: str | None = None) -> bool:
+    """True when the CPU advertises AVX512-VNNI or AVX-VNNI (see :func:`fixres_deploy.core.env.cpu_info`)."""
+    from fixres_deploy.core.env import CPUINFO_PATH, cpu_info
+
+    return cpu_info(cpuinfo_path or CPUINFO_PATH).has_vnni
 
 
 def default_int8_flavor(backend: str, *, device: str = "cpu") -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,33 +25,6 @@ from fixres_deploy.core.utils import stable_hash, write_json
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-
-
-def library_versions(*names: str) -> dict[str, str | None]:
-    """Installed versions of the given distributions (None when absent), without importing them."""
-    from importlib import metadata
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine_id() -> dict:
-    """What a latency figure depends on besides the engine: CPU model, cores, OS."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "machine": platform.machine()}
 
 
 class ResultStore:

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fixres_deploy.core.env import PIPELINE_MODULES, library_versions, machine_id
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.points import SweepPoint
-from fixres_deploy.sweep.store import ResultStore, library_versions, machine_id
+from fixres_deploy.sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,7 @@ class _Sweep:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(cfg.store or self.out_dir / "store")
         self.lat_cfg = _latency_config(cfg.latency)
-        self.versions = library_versions(
-            "torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "numpy", "fixres-deploy"
-        )
+        self.versions = library_versions(*PIPELINE_MODULES)
         self.machine = machine_id()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -329,7 +328,7 @@ class _Sweep:
         import copy
 
         from fixres_deploy.fixres.finetune import FinetuneOptions, fixres_finetune
-        from fixres_deploy.models.registry import save_checkpoint
+        from fixres_deploy.models.registry import fixres_record, save_checkpoint
 
         rcfg = self.base_cfg.at_resolution(res)
         cfg = self.cfg
@@ -350,6 +349,7 @@ class _Sweep:
                 num_classes=self.loaded.num_classes,
                 class_names=self.class_names,
                 preprocess=rcfg.to_dict(),
+                fixres=fixres_record(res, stats.to_dict()),
             )
             return {"checkpoint": str(path), "finetune": stats.to_dict(), "files": [str(path)]}
 
