@@ -49,7 +49,7 @@ def _module_distributions() -> dict[str, tuple[str, ...]]:
 def clear_cache() -> None:
     """Forget what was read (after installing or removing packages in a running process)."""
     _module_distributions.cache_clear()
-    cpu_info.cache_clear()
+    _system_cpu_info.cache_clear()
     current_gpu.cache_clear()
 
 
@@ -123,9 +123,20 @@ def parse_cpuinfo(text: str) -> CpuInfo:
     return CpuInfo(model=model, flags=flags, logical_cores=processors or os.cpu_count())
 
 
+def cpu_info(path: str | None = None) -> CpuInfo:
+    """:func:`parse_cpuinfo` of /proc/cpuinfo (read once) or of ``path`` (read now).
+
+    Where the file is unreadable (not Linux) the model is the platform's processor name.
+    """
+    return _read_cpuinfo(path) if path else _system_cpu_info()
+
+
 @functools.cache
-def cpu_info(path: str = CPUINFO_PATH) -> CpuInfo:
-    """:func:`parse_cpuinfo` of ``path`` (read once per path); the platform's name where unreadable."""
+def _system_cpu_info() -> CpuInfo:
+    return _read_cpuinfo(CPUINFO_PATH)
+
+
+def _read_cpuinfo(path: str) -> CpuInfo:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return parse_cpuinfo(f.read())

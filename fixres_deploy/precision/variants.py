@@ -1213,9 +1213,9 @@ def make_precision_variant(
 
 def cpu_has_vnni(cpuinfo_path: str | None = None) -> bool:
     """True when the CPU advertises AVX512-VNNI or AVX-VNNI (see :func:`fixres_deploy.core.env.cpu_info`)."""
-    from fixres_deploy.core.env import CPUINFO_PATH, cpu_info
+    from fixres_deploy.core.env import cpu_info
 
-    return cpu_info(cpuinfo_path or CPUINFO_PATH).has_vnni
+    return cpu_info(cpuinfo_path).has_vnni
 
 
 def default_int8_flavor(backend: str, *, device: str = "cpu") -> str:
