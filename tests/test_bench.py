@@ -521,7 +521,6 @@ def test_cli_bench_fixed_onnx_own_shape_and_refusal(onnx_files, capsys):
 
 def test_cli_bench_engine_index(onnx_files, capsys, tmp_path):
     from fixres_deploy.backends.base import BuildOptions, build_engine
-    from fixres_deploy.core.utils import write_json
 
     arts = [
         build_engine(
@@ -535,10 +534,14 @@ def test_cli_bench_engine_index(onnx_files, capsys, tmp_path):
         )
         for r in (16, 24)
     ]
-    failed = dict(arts[0].to_dict(), error="simulated failed build", path=None)
-    entries = [a.to_dict() | {"unknown_future_key": 1} for a in arts] + [failed]
+    from fixres_deploy.engines.build import BuildIndex
+
+    failed = dict(arts[0].to_dict(), error="simulated failed build", path=None, name="failed")
+    entries = [a.to_dict() | {"name": f"e{i}"} for i, a in enumerate(arts)] + [failed]
     index = tmp_path / "index.json"
-    write_json(index, {"format": "whatever", "artifacts": entries})
+    BuildIndex(source_onnx=onnx_files["dynamic"], source_sha256="", out_dir=str(tmp_path), artifacts=entries).save(
+        index
+    )
     rc, stdout, _ = _cli(["bench", "--engine-index", str(index), "--preset", "quick", "--no-peak", "--json"], capsys)
     assert rc == 0
     rows = json.loads(stdout)["rows"]

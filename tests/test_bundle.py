@@ -17,25 +17,23 @@ import torch
 
 from fixres_deploy.backends.base import EngineArtifact, ShapeProfile, ShapeSpec
 from fixres_deploy.cli.app import main
+from fixres_deploy.core import env
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig
 from fixres_deploy.core.utils import sha256_file, write_json
-from fixres_deploy.models.registry import build_model
-from fixres_deploy.ship import bundle as bundle_mod
-from fixres_deploy.ship.bundle import (
-    BundleError,
-    BundleManifest,
-    extract_bundle,
-    load_manifest,
-    make_bundle,
-    verify_bundle,
-)
+from fixres_deploy.engines.build import BuildIndex
+from fixres_deploy.models.registry import build_model, fixres_record
+from fixres_deploy.ship.archive import extract_bundle
+from fixres_deploy.ship.bundle import make_bundle
+from fixres_deploy.ship.manifest import BundleError, BundleManifest, load_manifest
+from fixres_deploy.ship.verify import verify_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CLASSES = [f"class_{i}" for i in range(10)]
 RES = 64
-TRT_META = {"tensorrt_version": "10.16.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
+# as backends/tensorrt_backend.build_impl writes it
+TRT_META = {"tensorrt_version": "10.16.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
 
 
 def export_onnx(path, *, res=RES, batch=None, num_classes=10, seed=0, metadata=None):
@@ -116,15 +114,17 @@ def good_bundle(tmp_path, onnx_file, cfg):
 def test_manifest_content_and_round_trip(good_bundle, onnx_file, cfg):
     out, manifest = good_bundle
     d = json.load(open(os.path.join(out, "manifest.json")))
-    assert d["format"] == "fixres-deploy/bundle" and d["version"] == 1
+    assert d["format"] == "fixres-deploy/bundle" and d["schema_version"] == 2
     assert d["preprocess"] == cfg.to_dict()  # the EXACT preprocessing, derived fields included
     assert d["resolution"] == RES and d["precision"] == "fp32" and d["backend"] == "onnxruntime"
     assert d["shape_mode"] == "dynamic" and d["profiles"][0]["max"] == [8, 3, RES, RES]
     assert d["input_name"] == "input" and d["output_name"] == "logits"
     assert d["class_names"] == CLASSES and d["num_classes"] == 10
     assert d["metrics"]["top1"] == 0.9 and d["selection"]["rule"].startswith("fastest")
-    assert set(d["libraries"]) >= {"fixres-deploy", "onnxruntime", "onnx", "numpy", "pillow"}
-    assert d["libraries"]["onnxruntime"] and d["hardware"] is None
+    # libraries by module, each named by the distribution that provides it
+    assert set(d["libraries"]) >= {"fixres_deploy", "onnxruntime", "onnx", "numpy", "PIL"}
+    assert d["libraries"]["PIL"]["distribution"].lower() == "pillow" and d["hardware"] is None
+    assert d["libraries"]["fixres_deploy"]["distribution"] == "fixres-deploy"
     # the ORT engine IS its source: stored once, referenced by both
     eng = d["engines"][0]
     assert eng["file"] == eng["source_onnx"] == "onnx/tiny_r64_fp32.onnx"
@@ -208,11 +208,11 @@ def test_tampered_bundles_refused(good_bundle, tmp_path, capsys):
     b6 = _copy(out, tmp_path, "newer")
     mp = os.path.join(b6, "manifest.json")
     d = json.load(open(mp))
-    d["version"] = 99
+    d["schema_version"] = 99
     json.dump(d, open(mp, "w"))
     rep = verify_bundle(b6)
-    assert not rep.ok and "version 99" in rep.problems[0]
-    with pytest.raises(BundleError, match="upgrade fixres-deploy"):
+    assert not rep.ok and "schema_version 99" in rep.problems[0] and "reads schema_version 2" in rep.problems[0]
+    with pytest.raises(BundleError, match="Rebundle"):
         load_manifest(b6)
 
 
@@ -285,7 +285,7 @@ def _trt_bundle(tmp_path, onnx_file, cfg, meta=TRT_META):
 def test_tensorrt_bundle_refused_here_with_reason(tmp_path, onnx_file, cfg, monkeypatch, capsys):
     from fixres_deploy.ship.runtime import Classifier
 
-    monkeypatch.setattr(bundle_mod, "current_gpu", lambda: None)  # this machine: no GPU (stated, not probed)
+    monkeypatch.setattr(env, "current_gpu", lambda: None)  # this machine: no GPU (stated, not probed)
     out = _trt_bundle(tmp_path, onnx_file, cfg)
     m = load_manifest(out)
     assert m.hardware == {
@@ -294,7 +294,8 @@ def test_tensorrt_bundle_refused_here_with_reason(tmp_path, onnx_file, cfg, monk
         "tensorrt_version": "10.16.0",
         "hardware_compatibility": "none",
     }
-    assert m.libraries["tensorrt"] == "10.16.0"
+    # libraries: this machine's, by distribution; the plan's own TensorRT is in hardware/requires
+    assert m.libraries["onnxruntime"]["distribution"] == "onnxruntime" and "cuda" in m.libraries
     assert m.engines[0].file == "engine/tiny_r64_fp16.plan" and m.engines[0].source_onnx == "onnx/tiny_r64_fp32.onnx"
     rep = verify_bundle(out)
     assert not rep.ok
@@ -322,20 +323,22 @@ def test_tensorrt_version_and_gpu_comparison(tmp_path, onnx_file, cfg, monkeypat
     fake_trt = types.ModuleType("tensorrt")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
     h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    monkeypatch.setattr(bundle_mod, "current_gpu", lambda: h100)
+    monkeypatch.setattr(env, "current_gpu", lambda: h100)
     fake_trt.__version__ = "10.16.1"  # same major.minor: fine
     assert verify_bundle(out).ok
     fake_trt.__version__ = "11.4.0"
     rep = verify_bundle(out)
     assert not rep.ok and "built with TensorRT 10.16.0 but TensorRT 11.4.0 is installed" in rep.problems[0]
     fake_trt.__version__ = "10.16.0"
-    monkeypatch.setattr(bundle_mod, "current_gpu", lambda: {"name": "NVIDIA L4", "compute_capability": "8.9"})
+    monkeypatch.setattr(env, "current_gpu", lambda: {"name": "NVIDIA L4", "compute_capability": "8.9"})
     rep = verify_bundle(out)
     assert not rep.ok and "cannot run on this NVIDIA L4 (sm_89)" in rep.problems[0]
     # an ampere_plus hardware-compatible plan moves to another Ampere+ GPU
-    out2 = _trt_bundle(tmp_path / "hw", onnx_file, cfg, meta=TRT_META | {"hardware_compatibility": "ampere_plus"})
+    out2 = _trt_bundle(
+        tmp_path / "hw", onnx_file, cfg, meta=TRT_META | {"config": {"hardware_compatibility": "ampere_plus"}}
+    )
     assert verify_bundle(out2).ok
-    monkeypatch.setattr(bundle_mod, "current_gpu", lambda: {"name": "Tesla T4", "compute_capability": "7.5"})
+    monkeypatch.setattr(env, "current_gpu", lambda: {"name": "Tesla T4", "compute_capability": "7.5"})
     assert not verify_bundle(out2).ok
 
 
@@ -491,27 +494,14 @@ def test_cli_bundle_from_index(tmp_path, cfg, capsys):
     onnx_path = export_onnx(build / "onnx" / "model_r64_fp32.onnx", metadata=meta)
     art = ort_artifact(onnx_path)
     entry = art.to_dict() | {
-        "key": "ort-fp32-r64",
+        "name": "ort-fp32-r64",
         "path": "onnx/model_r64_fp32.onnx",
         "source_onnx": "onnx/model_r64_fp32.onnx",
-        "extra_key": 1,
     }
-    write_json(
-        build / "index.json",
-        {
-            "artifacts": [
-                {
-                    "backend": "onnxruntime",
-                    "precision": "fp32",
-                    "path": None,
-                    "source_onnx": None,
-                    "shapes": None,
-                    "error": "failed",
-                },
-                entry,
-            ]
-        },
-    )
+    failed = {"name": "ort-fp32-failed", "backend": "onnxruntime", "precision": "fp32", "error": "failed"}
+    BuildIndex(
+        source_onnx=onnx_path, source_sha256=sha256_file(onnx_path), out_dir=str(build), artifacts=[failed, entry]
+    ).save()
     torch.manual_seed(0)
     model, _, _ = build_model("fixres:tiny_resnet", 10)
     ck = save_checkpoint(
@@ -547,7 +537,7 @@ def test_cli_bundle_from_index(tmp_path, cfg, capsys):
     )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["bundle"] == str(out) and os.path.isfile(res["tar"])
+    assert res["dir"] == str(out) and os.path.isfile(res["tar"])
     m = load_manifest(out)
     assert m.preprocess == cfg.to_dict() and m.class_names == CLASSES
     assert m.model["checkpoint_sha256"] == sha256_file(ck) and m.model["finetuned_resolution"] == 64
@@ -568,7 +558,7 @@ def test_cli_bundle_from_index(tmp_path, cfg, capsys):
 def test_two_engines_primary_and_fallback(tmp_path, onnx_file, cfg, monkeypatch):
     from fixres_deploy.ship.runtime import Classifier
 
-    monkeypatch.setattr(bundle_mod, "current_gpu", lambda: None)
+    monkeypatch.setattr(env, "current_gpu", lambda: None)
     plan = tmp_path / "e.plan"
     plan.write_bytes(b"\x01" * 512)
     trt = EngineArtifact(

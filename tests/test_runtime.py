@@ -19,7 +19,8 @@ from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform
 from fixres_deploy.data.folders import index_image_folder, load_rgb
 from fixres_deploy.models.registry import load_model
-from fixres_deploy.ship.bundle import BundleError, make_bundle
+from fixres_deploy.ship.bundle import make_bundle
+from fixres_deploy.ship.manifest import BundleError
 from fixres_deploy.ship.runtime import Classifier, predict_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -16,7 +16,8 @@ from fixres_deploy.cli.app import main
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig
 from fixres_deploy.models.registry import build_model
-from fixres_deploy.ship.bundle import load_manifest, make_bundle
+from fixres_deploy.ship.bundle import make_bundle
+from fixres_deploy.ship.manifest import load_manifest
 from fixres_deploy.ship.triton import export_triton_repository
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -217,7 +218,7 @@ def test_fixed_batch_onnx_config(tmp_path):
 
 
 def test_tensorrt_plan_config(tmp_path):
-    meta = {"tensorrt_version": "10.16.0", "gpu_name": "NVIDIA L4", "compute_capability": "8.9"}
+    meta = {"tensorrt_version": "10.16.0", "gpu": {"name": "NVIDIA L4", "compute_capability": "8.9"}}
     b = _bundle(tmp_path, "trt", ShapeSpec.dynamic([_profile(1, 8, 32)]), backend="tensorrt", meta=meta)
     target = export_triton_repository(b, tmp_path / "repo")  # integrity checked; runnable here or not
     assert os.listdir(os.path.join(target, "1")) == ["model.plan"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from fixres_deploy.choose.select import (
@@ -21,10 +20,15 @@ from fixres_deploy.choose.select import (
     speed_text,
 )
 from fixres_deploy.core.errors import FixResError
-from fixres_deploy.core.utils import atomic_path, write_json
+from fixres_deploy.core.schema import check_schema, stamp
+from fixres_deploy.core.utils import atomic_path, read_json, write_json
 from fixres_deploy.sweep.points import SweepPoint
 
 log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "fixres-deploy/report"
+#: 2: ``schema_version`` (was ``version``)
+REPORT_SCHEMA_VERSION = 2
 
 REPORT_POINT_FIELDS = (
     "resolution",
@@ -55,16 +59,6 @@ REPORT_POINT_FIELDS = (
 )
 
 
-@dataclass
-class Report:
-    """report.json as a dataclass; ``selected`` and ``pareto`` index into ``points``."""
-
-    data: dict
-
-    def to_dict(self) -> dict:
-        return self.data
-
-
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:.1f}"
 
@@ -88,9 +82,7 @@ def build_report(sweep, cfg: SelectionConfig | None = None) -> dict:
             chosen.backend,
             chosen.batch_size,
         )
-    return {
-        "format": "fixres-deploy/report",
-        "version": 1,
+    body = {
         "train_res": sweep.train_res,
         "resolutions": sweep.resolutions,
         "selection_config": cfg.to_dict(),
@@ -112,6 +104,18 @@ def build_report(sweep, cfg: SelectionConfig | None = None) -> dict:
         "preprocess": sweep.preprocess,
         "class_names": sweep.class_names,
     }
+    return stamp(body, REPORT_FORMAT, REPORT_SCHEMA_VERSION)
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """The one reader of ``report.json`` (written by :func:`write_report`)."""
+    return check_schema(
+        read_json(path),
+        REPORT_FORMAT,
+        REPORT_SCHEMA_VERSION,
+        path,
+        "Regenerate it from the sweep: fixres-deploy report --sweep OUT/sweep.json --out OUT.",
+    )
 
 
 def write_report(sweep, out_dir: str | os.PathLike, cfg: SelectionConfig | None = None) -> dict:

@@ -76,7 +76,7 @@ def _add_triton_args(p: argparse.ArgumentParser) -> None:
 @command("bundle")
 def cmd_bundle(args: argparse.Namespace) -> int:
     if args.verify:
-        from fixres_deploy.ship.bundle import verify_bundle
+        from fixres_deploy.ship.verify import verify_bundle
 
         report = verify_bundle(args.verify, backend=args.backend)
         if args.json:
@@ -113,13 +113,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         triton_repo=args.triton,
         triton_options=_triton_options(args) if args.triton else None,
     )
-    m = result["manifest"]
+    from fixres_deploy.ship.manifest import read_manifest
+
+    m = read_manifest(result["manifest"]).to_dict()
     _emit(
         args,
-        {k: v for k, v in result.items() if k != "manifest"} | {"files": len(m["files"]) + 1},
+        result | {"files": len(m["files"]) + 1},
         lambda r: "\n".join(
             [
-                f"bundle  {r['bundle']}  ({m['backend']} {m['precision']} @{m['resolution']}px, "
+                f"bundle  {r['dir']}  ({m['backend']} {m['precision']} @{m['resolution']}px, "
                 f"{m['shape_mode']} shapes, {len(m['class_names'])} classes, {r['files']} files)"
             ]
             + ([f"tar     {r['tar']}"] if r["tar"] else [])

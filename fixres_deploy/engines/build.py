@@ -33,6 +33,7 @@ from fixres_deploy.backends.base import (
     onnx_io,
 )
 from fixres_deploy.core.errors import MissingDependencyError, UserInputError
+from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.engines.engine import EngineMaker, engine_name, with_timing_cache
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "fixres-deploy/build-index"
+#: 2: ``schema_version`` (was ``version``); the one reader is :meth:`BuildIndex.load`
+INDEX_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -113,25 +116,58 @@ class BuildIndex:
             out.append(e)
         return out
 
+    def artifact(self, key: str | int) -> EngineArtifact:
+        """The successful engine at position ``key`` or with name ``key`` (absolute paths).
+
+        Raises:
+            UserInputError: no such entry (the message lists the names), or a failed build.
+        """
+        text = str(key)
+        if text.lstrip("-").isdigit():
+            i = int(text)
+            if not -len(self.artifacts) <= i < len(self.artifacts):
+                raise UserInputError(
+                    f"artifact {i} is out of range: '{self.out_dir}/{INDEX_NAME}' lists {len(self.artifacts)} artifacts"
+                )
+            entry = self.artifacts[i]
+        else:
+            found = [e for e in self.artifacts if e.get("name") == text]
+            if not found:
+                names = [e.get("name") for e in self.artifacts]
+                raise UserInputError(
+                    f"no artifact {text!r} in '{self.out_dir}/{INDEX_NAME}'; give a position "
+                    f"0..{len(self.artifacts) - 1} or one of {names}"
+                )
+            entry = found[0]
+        if entry.get("error"):
+            raise UserInputError(
+                f"artifact {key!r} of '{self.out_dir}/{INDEX_NAME}' is a failed build "
+                f"({entry.get('backend')} {entry.get('precision')}): {entry['error']}"
+            )
+        return entry_artifact(entry, self.out_dir)
+
     def to_dict(self) -> dict:
-        d = {"format": INDEX_FORMAT, "version": 1}
-        d.update(asdict(self))
-        return d
+        return stamp(asdict(self), INDEX_FORMAT, INDEX_SCHEMA_VERSION)
 
     @classmethod
-    def from_dict(cls, d: dict) -> BuildIndex:
-        if not isinstance(d, dict) or "artifacts" not in d:
-            raise UserInputError("not a build index: expected an object with an 'artifacts' list")
+    def from_dict(cls, d: dict, source: str = INDEX_NAME) -> BuildIndex:
+        check_schema(
+            d,
+            INDEX_FORMAT,
+            INDEX_SCHEMA_VERSION,
+            source,
+            "Rebuild the engines with this fixres-deploy (fixres-deploy build).",
+        )
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BuildIndex:
-        """Read ``index.json`` (or a build folder); ``out_dir`` becomes the index's folder."""
+        """The one reader of ``index.json`` (or a build folder); ``out_dir`` becomes the index's folder."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, INDEX_NAME)
-        index = cls.from_dict(read_json(path))
+        index = cls.from_dict(read_json(path), path)
         index.out_dir = os.path.dirname(os.path.abspath(path))
         return index
 

@@ -951,21 +951,6 @@ def bench_onnx(
     )
 
 
-def bench_engine(
-    artifact: Any,
-    *,
-    resolutions: Sequence[int] | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    threads: int | None = None,
-    latency: LatencyConfig | None = None,
-    peak: bool | dict = True,
-) -> BenchReport:
-    """Latency of one built engine (an EngineArtifact or its dict) per resolution x batch."""
-    return bench_artifacts(
-        [artifact], resolutions=resolutions, batch_sizes=batch_sizes, threads=threads, latency=latency, peak=peak
-    )
-
-
 def _artifact_label(a) -> str:
     mode = a.shapes.mode if a.shapes is not None else "?"
     res = a.resolutions
@@ -1050,56 +1035,16 @@ def bench_artifacts(
     )
 
 
-def read_engine_index(index_path: str) -> tuple[list[dict], list[str | None]]:
-    """Artifact dicts (and their names) from a build's index.json, read tolerantly.
-
-    Accepts the index file or its folder; ``{"artifacts": [...]}`` (also ``"engines"``), or a
-    bare list; each entry an ``EngineArtifact.to_dict()`` plus anything else (possibly wrapped
-    as ``{"artifact": {...}}``). Unknown keys are dropped (an entry's ``name`` becomes its
-    label) and relative paths are resolved against the index's folder.
-    """
-    from fixres_deploy.backends.base import EngineArtifact
-    from fixres_deploy.core.utils import read_json
-
-    if os.path.isdir(index_path):
-        index_path = os.path.join(index_path, "index.json")
-    doc = read_json(index_path)
-    entries = doc
-    if isinstance(doc, dict):
-        entries = doc.get("artifacts") or doc.get("engines")
-    if not isinstance(entries, list):
-        raise UserInputError(
-            f"'{index_path}' has no 'artifacts' list; expected the index.json written by 'fixres-deploy build'"
-        )
-    base = os.path.dirname(os.path.abspath(index_path))
-    names = {f.name for f in dataclasses.fields(EngineArtifact)}
-    out, labels = [], []
-    for i, e in enumerate(entries):
-        if isinstance(e, dict) and isinstance(e.get("artifact"), dict):
-            e = e["artifact"] | {"name": e.get("name", e["artifact"].get("name"))}
-        if not isinstance(e, dict) or "backend" not in e:
-            raise UserInputError(f"'{index_path}': artifacts[{i}] is not an engine artifact (no 'backend')")
-        d = {k: v for k, v in e.items() if k in names}
-        d.setdefault("precision", "fp32")
-        d.setdefault("path", None)
-        d.setdefault("source_onnx", None)
-        d.setdefault("shapes", None)
-        for key in ("path", "source_onnx"):
-            if d.get(key) and not os.path.isabs(d[key]):
-                cand = os.path.join(base, d[key])
-                if os.path.exists(cand):
-                    d[key] = cand
-        out.append(d)
-        labels.append(e.get("name") if isinstance(e.get("name"), str) else None)
-    return out, labels
-
-
 def bench_index(index_path: str, **kwargs: Any) -> BenchReport:
     """:func:`bench_artifacts` over every engine of a build's index.json.
 
     Engines that cannot take a requested resolution are skipped (a build usually holds one
     fixed engine per resolution), unless none can.
     """
+    from fixres_deploy.engines.build import BuildIndex
+
     kwargs.setdefault("strict_shapes", False)
-    artifacts, labels = read_engine_index(index_path)
+    index = BuildIndex.load(index_path)
+    artifacts = index.engine_artifacts(include_failed=True)
+    labels = [e.get("name") for e in index.artifacts]
     return bench_artifacts(artifacts, source=os.fspath(index_path), labels=labels, **kwargs)

@@ -28,14 +28,9 @@ import numpy as np
 
 from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig, preprocess_pil
-from fixres_deploy.ship.bundle import (
-    TAR_SUFFIX,
-    BundleError,
-    batch_range,
-    extract_bundle,
-    load_manifest,
-    verify_bundle,
-)
+from fixres_deploy.ship.archive import extract_bundle
+from fixres_deploy.ship.manifest import TAR_SUFFIX, BundleError, batch_range, load_manifest
+from fixres_deploy.ship.verify import verify_bundle
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ import shutil
 import tempfile
 
 from fixres_deploy.core.errors import UserInputError
-from fixres_deploy.ship.bundle import (
+from fixres_deploy.ship.manifest import (
     LABELS_NAME,
     BundleEngine,
     BundleManifest,
     batch_range,
     load_manifest,
-    verify_bundle,
 )
+from fixres_deploy.ship.verify import verify_bundle
 
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")

@@ -28,6 +28,7 @@ import numpy as np
 
 from fixres_deploy.core.env import PIPELINE_MODULES, library_versions, machine_id
 from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.points import SweepPoint
 from fixres_deploy.sweep.store import ResultStore
@@ -35,6 +36,8 @@ from fixres_deploy.sweep.store import ResultStore
 log = logging.getLogger(__name__)
 
 SHAPE_MODES = ("fixed", "dynamic")
+SWEEP_FORMAT = "fixres-deploy/sweep"
+SWEEP_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -139,17 +142,29 @@ class SweepResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["points"] = [p.to_dict() for p in self.points]
-        return d
+        return stamp(d, SWEEP_FORMAT, SWEEP_SCHEMA_VERSION)
 
     @classmethod
-    def from_dict(cls, d: dict) -> SweepResult:
-        d = dict(d)
+    def from_dict(cls, d: dict, source: str = "sweep.json") -> SweepResult:
+        check_schema(
+            d,
+            SWEEP_FORMAT,
+            SWEEP_SCHEMA_VERSION,
+            source,
+            "Re-run the sweep with this fixres-deploy (stage results are reused from its store).",
+        )
+        d = {k: v for k, v in d.items() if k not in ("format", "schema_version")}
         d["points"] = [SweepPoint.from_dict(p) for p in d["points"]]
         return cls(**d)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SweepResult:
-        return cls.from_dict(read_json(path))
+        """The one reader of ``sweep.json``."""
+        return cls.from_dict(read_json(path), os.fspath(path))
+
+    def save(self, path: str | os.PathLike) -> str:
+        """The one writer of ``sweep.json``."""
+        return write_json(path, self.to_dict())
 
 
 def available_backends() -> list[str]:
@@ -647,7 +662,7 @@ class _Sweep:
             failures=self.failures,
             finetune_curve=_curve_from_points(self.points, self.train_res),
         )
-        write_json(self.out_dir / "sweep.json", result.to_dict())
+        result.save(self.out_dir / "sweep.json")
         return result
 
 
