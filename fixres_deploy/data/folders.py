@@ -98,6 +98,9 @@ def hash_fraction(name: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+DEFAULT_VAL_FRACTION = 0.3  # held-out share of a hash split: the one default of sweep, run and finetune
+
+
 def split_by_hash(
     index: ImageFolderIndex, val_fraction: float, salt: str = "fixres"
 ) -> tuple[ImageFolderIndex, ImageFolderIndex]:

@@ -308,9 +308,9 @@ def batch_range(shapes: ShapeSpec, resolution: int, channels: int = 3) -> tuple[
     largest max batch; None when no profile accepts that resolution."""
     best = None
     for p in shapes.profiles:
-        if all(lo <= v <= hi for lo, v, hi in zip(p.min[1:], (channels, resolution, resolution), p.max[1:])):
-            if best is None or p.max[0] > best[1]:
-                best = (p.min[0], p.max[0])
+        accepts = all(lo <= v <= hi for lo, v, hi in zip(p.min[1:], (channels, resolution, resolution), p.max[1:]))
+        if accepts and (best is None or p.max[0] > best[1]):
+            best = (p.min[0], p.max[0])
     return best
 
 
