@@ -110,16 +110,19 @@ def _report_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def pipeline_config(args) -> config.PipelineConfig:
+    """`run`'s config: field defaults, then ``--config FILE``, then the flags given explicitly."""
+    flags = config.values_from_args(args, config.PipelineConfig)
+    if args.config:
+        return config.read_config(args.config, config.PipelineConfig, overrides=flags)
+    return config.build(config.PipelineConfig, flags, missing_hint=" (or give --config FILE)")
+
+
 @command("run")
 def cmd_run(args) -> int:
     from fixres_deploy.sweep.pipeline import run_pipeline
 
-    flags = config.values_from_args(args, config.PipelineConfig)  # only the flags given explicitly
-    if args.config:
-        pc = config.read_config(args.config, config.PipelineConfig, overrides=flags)
-    else:
-        pc = config.build(config.PipelineConfig, flags, missing_hint=" (or give --config FILE)")
-    summary = run_pipeline(pc)
+    summary = run_pipeline(pipeline_config(args))
     _emit(args, summary, lambda s: f"done in {s['seconds']:.0f} s -> {s['out']}\n{s['reason']}")
     return 0
 

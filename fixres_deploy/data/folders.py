@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fixres_deploy.core.errors import DataError
 from fixres_deploy.core.utils import progress
@@ -242,7 +241,3 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
     )
-
-
-def relative_paths(index: ImageFolderIndex) -> list[str]:
-    return [Path(os.path.relpath(s.path, index.root)).as_posix() for s in index.samples]
