@@ -1,25 +1,29 @@
 """The latency harness, the load monitor, the machine peak and `fixres-deploy bench`.
 
-The machine is shared: assertions on timing are generous, and load assertions compare a
-measurement with a baseline taken just before (or skip when the machine has no headroom)
-instead of trusting absolute values.
+No assertion depends on how fast or how quiet the (shared) machine is: the harness's
+arithmetic — warm-up by count and time, budgets, percentiles, ratios — runs on a virtual clock
+that a runner's "sleep" advances exactly (:class:`VirtualClock`); contention handling runs on
+scripted loads; the /proc accounting is checked in CPU seconds of processes that burn a fixed
+amount of CPU, which no scheduling delay changes. How the harness behaves on a real busy
+machine is a benchmark: tools/bench_engines.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from fixres_deploy.backends.base import Runner, ShapeError, ShapeSpec
 from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.measure import bench as bench_mod
 from fixres_deploy.measure import sysload
 from fixres_deploy.measure.bench import (
     BenchReport,
@@ -31,6 +35,35 @@ from fixres_deploy.measure.bench import (
 )
 
 BATCH = np.zeros((2, 3, 8, 8), dtype=np.float32)
+
+
+class VirtualClock:
+    """Stands in for the ``time`` module inside the harness: only runners' sleeps advance it."""
+
+    def __init__(self):
+        self.ns = 0
+
+    def perf_counter_ns(self) -> int:
+        return self.ns
+
+    def perf_counter(self) -> float:
+        return self.ns / 1e9
+
+    def monotonic(self) -> float:
+        return self.ns / 1e9
+
+    def sleep(self, seconds: float) -> None:
+        self.ns += round(seconds * 1e9)
+
+    def __getattr__(self, name):  # strftime etc.: the real module
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    c = VirtualClock()
+    monkeypatch.setattr(bench_mod, "time", c)
+    return c
 
 
 class SleepRunner(Runner):
@@ -55,7 +88,7 @@ class SleepRunner(Runner):
         if self.log is not None:
             self.log.append(self.name)
         if self.sleep_s:
-            time.sleep(self.sleep_s)
+            bench_mod.time.sleep(self.sleep_s)  # the virtual clock when the test uses `clock`
         return x.reshape(x.shape[0], -1)[:, :4].copy()
 
 
@@ -69,44 +102,44 @@ def _cfg(**kw) -> LatencyConfig:
 # --------------------------------------------------------------------------- harness statistics
 
 
-def test_known_sleep_gives_its_latency_and_ordered_percentiles():
+def test_known_sleep_gives_its_latency_and_ordered_percentiles(clock):
     r = SleepRunner(0.002)
-    t0 = time.perf_counter()
     res = measure_latency(
         r, BATCH, LatencyConfig(warmup_iters=5, warmup_s=0.2, min_iters=5, budget_s=0.6, repeats=3, check_load=False)
     )
-    wall = time.perf_counter() - t0
-    # sleep(2 ms) never returns early; a loaded machine wakes it late, so be generous upwards
-    assert 2.0 <= res.latency_p50_ms < 6.0
+    # every call took exactly 2 ms of the clock
+    assert res.latency_min_ms == res.latency_p50_ms == res.latency_p99_ms == res.latency_max_ms == pytest.approx(2.0)
     assert res.latency_min_ms <= res.latency_p50_ms <= res.latency_p90_ms <= res.latency_p99_ms <= res.latency_max_ms
-    assert res.latency_min_ms >= 2.0
+    assert res.latency_std_ms == pytest.approx(0.0, abs=1e-9)
     assert res.repeats == 3 and len(res.latency_p50_repeats_ms) == 3
     assert res.latency_p50_ms == pytest.approx(float(np.median(res.latency_p50_repeats_ms)))
     assert res.batch_size == 2 and res.resolution == 8
-    assert res.throughput_ips == pytest.approx(2 / (res.latency_mean_ms / 1e3))
-    assert 0 < res.throughput_wall_ips <= res.throughput_ips * 1.01
-    # warm-up by time honoured (0.2 s > 5 calls x 2 ms), budget honoured (0.6 s timed)
-    assert res.warmup_s >= 0.2 and res.warmup_iters >= 5
-    assert res.iters * res.latency_mean_ms / 1e3 >= 0.6 - 3 * res.latency_max_ms / 1e3
-    assert 0.8 <= wall < 0.8 + 1.0
+    assert res.throughput_ips == pytest.approx(1000.0) and res.throughput_wall_ips == pytest.approx(1000.0)
+    # warm-up until both 5 calls and 0.2 s: 0.2 s / 2 ms = 100 calls
+    assert res.warmup_iters in (100, 101) and res.warmup_s == pytest.approx(res.warmup_iters * 0.002)
+    # the 0.6 s budget split over 3 repeats: 100 calls of 2 ms each
+    assert res.iters == 300 and res.latency_p50_repeats_ms == pytest.approx([2.0, 2.0, 2.0])
+    assert clock.perf_counter() == pytest.approx(res.warmup_s + 0.6)  # nothing but warm-up and timed calls
     # every call was either warm-up or timed
     assert r.calls == res.warmup_iters + res.iters
     assert not r.is_active and r.activations == 1  # activated for the measurement, then released
 
 
-def test_warmup_count_and_time_both_required():
+def test_warmup_count_and_time_both_required(clock):
     by_count = measure_latency(SleepRunner(0.002), BATCH, _cfg(warmup_iters=40, warmup_s=0.001))
-    assert by_count.warmup_iters == 40 and by_count.warmup_s >= 40 * 0.002
+    assert by_count.warmup_iters == 40 and by_count.warmup_s == pytest.approx(40 * 0.002)
     by_time = measure_latency(SleepRunner(0.002), BATCH, _cfg(warmup_iters=1, warmup_s=0.15))
-    assert by_time.warmup_s >= 0.15 and by_time.warmup_iters > 10
+    # 0.15 s of 2 ms calls: 75, or 76 where the float difference of two clock readings rounds below 0.15
+    assert by_time.warmup_iters in (75, 76) and by_time.warmup_s == pytest.approx(by_time.warmup_iters * 0.002)
 
 
-def test_min_and_max_iters_override_the_budget():
+def test_min_and_max_iters_override_the_budget(clock):
     slow = measure_latency(SleepRunner(0.02), BATCH, _cfg(min_iters=4, budget_s=0.01, repeats=2))
     assert slow.iters == 8  # min_iters per repeat wins over a too-small budget
-    t0 = time.perf_counter()
     fast = measure_latency(SleepRunner(0.0), BATCH, _cfg(min_iters=3, max_iters=50, budget_s=30.0, repeats=2))
-    assert fast.iters == 100 and time.perf_counter() - t0 < 10  # max_iters stops a 30 s budget
+    assert fast.iters == 100  # max_iters per repeat stops a 30 s budget ...
+    assert clock.perf_counter() == pytest.approx(slow.latency_mean_ms * (slow.iters + slow.warmup_iters) / 1e3)
+    # ... of which no time passed at all: the count alone ended each repeat
 
 
 def test_any_runner_shape_predict_callable_and_errors():
@@ -150,7 +183,7 @@ def test_config_validation_and_presets():
     assert q.budget_s < LatencyConfig().budget_s < t.budget_s and t.repeats == 7
 
 
-def test_interleaved_round_robin_order_and_ratios():
+def test_interleaved_round_robin_order_and_ratios(clock):
     log: list[str] = []
     a, b = SleepRunner(0.001, "A", log), SleepRunner(0.004, "B", log)
     cfg = _cfg(warmup_iters=3, min_iters=3, max_iters=3, repeats=3, rewarm_iters=2)
@@ -164,7 +197,7 @@ def test_interleaved_round_robin_order_and_ratios():
     # warm-up A, B; then per repeat A then B, each chunk after a re-warm-up of 2 calls
     assert runs == [["A", 3], ["B", 3], ["A", 3], ["B", 5], ["A", 5], ["B", 5], ["A", 5], ["B", 5]]
     assert ra.name == "A" and rb.name == "B" and ra.iters == rb.iters == 9
-    assert rb.latency_p50_ms / ra.latency_p50_ms > 2.0
+    assert rb.latency_p50_ms / ra.latency_p50_ms == pytest.approx(4.0)
 
 
 def test_gpu_timing_hook_protocol():
@@ -274,36 +307,40 @@ def test_threads_recorded_from_an_onnxruntime_session(tmp_path):
 
 # --------------------------------------------------------------------------- load monitor
 
-SPIN = "import time\nend = time.time() + {secs}\nwhile time.time() < end:\n    pass\n"
+BURN = "import time\nwhile time.process_time() < {cpu_s}:\n    pass\n"
 
 
-def _cpu_s(pid: int) -> float:
-    return sysload._proc_times(str(pid))[0]
+def _cpu_seconds(load: dict, key: str) -> float:
+    return load[key] * load["elapsed_s"]
 
 
-def _other_load(seconds: float) -> dict:
-    with sysload.LoadMonitor(0.1) as mon:
-        time.sleep(seconds)
-    return mon.result()
-
-
-def _start_detached_spinners(n: int, secs: float = 30.0) -> list[int]:
-    """Busy loops that are not our descendants (their parent exits): other processes' load."""
+def _start_detached_burner(cpu_s: float) -> int:
+    """A process that burns ``cpu_s`` of CPU and is not our descendant (its parent exits)."""
     code = (
         "import subprocess, sys\n"
-        f"ps = [subprocess.Popen([sys.executable, '-c', {SPIN.format(secs=secs)!r}], stdin=subprocess.DEVNULL, "
-        f"stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range({n})]\n"
-        "print(' '.join(str(p.pid) for p in ps), flush=True)\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {BURN.format(cpu_s=cpu_s)!r}], stdin=subprocess.DEVNULL, "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [int(p) for p in out.stdout.split()]
+    return int(out.stdout)
 
 
-def _kill(pids):
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _wait_gone(pid: int, timeout_s: float = 120.0) -> None:
+    """Until ``pid`` has exited (gone, or a zombie nobody reaps)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return
+        if stat[stat.rindex(b")") + 2 :].startswith(b"Z"):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"the burner {pid} did not finish within {timeout_s} s")
 
 
 linux_only = pytest.mark.skipif(not sysload.supported(), reason="needs Linux /proc")
@@ -311,81 +348,89 @@ linux_only = pytest.mark.skipif(not sysload.supported(), reason="needs Linux /pr
 
 @linux_only
 def test_our_children_count_as_ours_not_as_other():
-    child = subprocess.Popen([sys.executable, "-c", SPIN.format(secs=20)])
+    # CPU seconds, not rates: the child burns 0.5 s of CPU however long the machine makes it wait
+    burn = [sys.executable, "-c", BURN.format(cpu_s=0.5)]
+    with sysload.LoadMonitor(0.05) as inc:
+        subprocess.run(burn, check=True)  # reaped inside the block: counted through cutime
+    child = subprocess.Popen([sys.executable, "-c", BURN.format(cpu_s=30)])
     try:
-        time.sleep(0.3)
-        c0 = _cpu_s(child.pid)
-        with sysload.LoadMonitor(0.1) as inc:
-            time.sleep(1.0)
-        c1 = _cpu_s(child.pid)
-        with sysload.LoadMonitor(0.1, include_children=False) as exc:
-            time.sleep(1.0)
+        c0 = sysload._proc_times(str(child.pid))[0]
+        with sysload.LoadMonitor(0.05) as live:  # ended while the child still runs
+            while sysload._proc_times(str(child.pid))[0] - c0 < 0.3:
+                time.sleep(0.05)
+        c1 = sysload._proc_times(str(child.pid))[0]
     finally:
         child.kill()
         child.wait()
-    r_inc, r_exc = inc.result(), exc.result()
-    child_cores = (c1 - c0) / r_inc["elapsed_s"]
-    assert child_cores > 0.2  # the child did run
-    assert r_inc["our_cores_busy"] == pytest.approx(child_cores, abs=0.15)
-    assert r_exc["our_cores_busy"] < 0.15  # we only slept
-    assert r_inc["samples"] >= 5 and r_inc["total_cores"] == sysload.total_cores()
-    assert sysload.snapshot() is not None
+    with sysload.LoadMonitor(None, include_children=False) as exc:
+        subprocess.run(burn, check=True)
+    r_inc, r_live, r_exc = inc.result(), live.result(), exc.result()
+    assert _cpu_seconds(r_inc, "our_cores_busy") >= 0.45
+    assert c1 - c0 >= 0.3 and _cpu_seconds(r_live, "our_cores_busy") >= 0.3 - 0.05  # a live descendant
+    assert _cpu_seconds(r_exc, "our_cores_busy") < 0.3  # we only waited
+    assert _cpu_seconds(r_exc, "other_cores_busy") >= 0.4  # not counted as ours: someone else's load
+    assert r_inc["total_cores"] == sysload.total_cores() and sysload.snapshot() is not None
 
 
 @linux_only
-def test_contended_flag_set_by_other_processes_load():
-    baseline = _other_load(1.0)["other_cores_busy"]
-    pids = _start_detached_spinners(2)
-    assert len(pids) == 2
-    try:
-        time.sleep(0.3)
-        s0, t0 = sum(_cpu_s(p) for p in pids), time.monotonic()
-        res = measure_latency(
-            SleepRunner(0.002),
-            BATCH,
-            LatencyConfig(
-                warmup_iters=2,
-                warmup_s=0.1,
-                budget_s=1.0,
-                repeats=2,
-                contention_threshold=0.5,
-                remeasure_if_contended=1,
-                remeasure_wait_s=0.1,
-            ),
-        )
-        spin_cores = (sum(_cpu_s(p) for p in pids) - s0) / (time.monotonic() - t0)
-    finally:
-        _kill(pids)
-    assert res.contended and res.remeasured == 1
-    assert len(res.load_per_repeat) == 2 and all(x > 0.5 for x in res.load_per_repeat)
-    assert res.load["max_other_cores"] >= res.load["other_cores_busy"] - 0.2
-    assert res.load["samples"] >= 6  # 10 Hz over 2 x 0.5 s
-    # the spinners' CPU time is part of what was counted as other processes' load
-    assert res.load["other_cores_busy"] >= 0.8 * spin_cores - 0.15
-    if baseline < sysload.total_cores() - 1.0:  # the machine had headroom: the load must rise
-        assert res.load["other_cores_busy"] - baseline > 0.5
+def test_other_processes_cpu_counts_as_other_load():
+    with sysload.LoadMonitor(0.05) as mon:
+        _wait_gone(_start_detached_burner(0.5))
+    r = mon.result()
+    assert _cpu_seconds(r, "other_cores_busy") >= 0.4  # the whole machine's busy time includes it
+    assert _cpu_seconds(r, "our_cores_busy") < 0.3
+    assert r["max_other_cores"] >= r["other_cores_busy"] - 1e-9 and r["samples"] >= 1
 
 
-@linux_only
-def test_not_contended_on_a_quiet_machine():
-    baseline = _other_load(1.0)["other_cores_busy"]
-    if baseline > 0.15:
-        pytest.skip(f"other users keep {baseline:.2f} cores busy: the quiet case cannot be checked now")
+class ScriptedLoad:
+    """Stands in for sysload.LoadMonitor: each timed repeat sees the next scripted foreign load."""
+
+    loads: ClassVar[list[float]] = []
+
+    def __init__(self, interval_s=None, **kw):
+        self.other = None
+
+    def start(self):
+        self.other = ScriptedLoad.loads.pop(0)
+
+    def stop(self):
+        pass
+
+    def result(self):
+        o = self.other
+        return {
+            "elapsed_s": 1.0,
+            "machine_cores_busy": o + 1.0,
+            "our_cores_busy": 1.0,
+            "other_cores_busy": o,
+            "steal_cores": 0.0,
+            "total_cores": 2,
+            "samples": 1,
+            "max_other_cores": o,
+        }
+
+
+@pytest.mark.parametrize(
+    "loads,contended,remeasured,kept",
+    [
+        ([0.1, 0.05], False, 0, [0.1, 0.05]),  # quiet: measured once each
+        ([1.5, 0.1, 0.2], False, 1, [0.1, 0.2]),  # a contended repeat measured again, the quieter kept
+        ([1.5, 1.2, 1.4], True, 1, [1.2, 1.4]),  # retries used up: the least contended kept, flagged
+    ],
+)
+def test_contended_repeats_are_measured_again_then_flagged(clock, monkeypatch, loads, contended, remeasured, kept):
+    monkeypatch.setattr(sysload, "LoadMonitor", ScriptedLoad)
+    monkeypatch.setattr(ScriptedLoad, "loads", list(loads))
     res = measure_latency(
         SleepRunner(0.002),
         BATCH,
-        LatencyConfig(
-            warmup_iters=2,
-            warmup_s=0.1,
-            budget_s=0.6,
-            repeats=2,
-            contention_threshold=0.5,
-            remeasure_if_contended=3,
-            remeasure_wait_s=0.5,
-        ),
+        _cfg(check_load=True, repeats=2, contention_threshold=0.5, remeasure_if_contended=1, remeasure_wait_s=0.5),
     )
-    assert not res.contended
-    assert res.load["other_cores_busy"] < 0.5
+    assert res.contended is contended and res.remeasured == remeasured
+    assert res.load_per_repeat == pytest.approx(kept)
+    assert res.load["other_cores_busy"] == pytest.approx(sum(kept) / len(kept))
+    assert res.load["max_other_cores"] == pytest.approx(max(kept))
+    assert ScriptedLoad.loads == []  # exactly one monitored run per repeat and retry
 
 
 def test_load_monitor_off_linux_returns_none(monkeypatch):
@@ -401,13 +446,13 @@ def test_load_monitor_off_linux_returns_none(monkeypatch):
 # --------------------------------------------------------------------------- peak
 
 
-def test_peak_gflops_positive_plausible_and_cached():
+def test_peak_gflops_positive_and_cached(monkeypatch):
     p = measure_peak_gflops(n=384, repeats=2)
-    assert 1.0 < p["peak_gflops"] < 1e5  # two CPU cores: between 1 GFLOP/s and 100 TFLOP/s
+    assert p["peak_gflops"] > 0 and p["n"] == 384 and p["repeats"] == 2
     assert p["peak_gflops"] == max(v for v in (p["numpy_gflops"], p["torch_gflops"]) if v)
-    t0 = time.perf_counter()
+    # a second call is served from the cache: nothing is timed again
+    monkeypatch.setattr(bench_mod, "_best_time", lambda *a: pytest.fail("measured again"))
     assert measure_peak_gflops(n=384, repeats=2) == p
-    assert time.perf_counter() - t0 < 0.05
     with pytest.raises(UserInputError):
         measure_peak_gflops(n=8)
 
@@ -490,7 +535,7 @@ def test_cli_bench_json_on_a_dynamic_onnx(onnx_files, capsys, tmp_path):
     assert json.loads(out.read_text()) == d
     rows = d["rows"]
     assert [(r["resolution"], r["batch_size"]) for r in rows] == [(16, 1), (16, 2), (24, 1), (24, 2)]
-    assert d["peak"]["peak_gflops"] > 1.0
+    assert d["peak"]["peak_gflops"] > 0
     for r in rows:
         lat = r["latency"]
         assert r["error"] is None and lat["repeats"] == 2 and lat["batch_size"] == r["batch_size"]

@@ -85,10 +85,6 @@ def test_cpuinfo_parsed_from_a_file(tmp_path):
     assert not env.cpu_info(str(path2)).has_vnni and "fma" in env.cpu_info(str(path2)).flags
     missing = env.cpu_info(str(tmp_path / "absent"))
     assert missing.flags == frozenset() and not missing.has_vnni
-    # the precision module's VNNI check reads the same parser
-    from fixres_deploy.precision.variants import cpu_has_vnni
-
-    assert cpu_has_vnni(str(path)) and not cpu_has_vnni(str(path2))
 
 
 def test_compute_capability_forms():

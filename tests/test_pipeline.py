@@ -6,8 +6,6 @@ import os
 import pytest
 
 from fixres_deploy.cli.app import main
-from fixres_deploy.core.errors import UserInputError
-from fixres_deploy.sweep.pipeline import PipelineConfig
 
 
 def test_run_from_toml_is_resumable(tmp_path, demo_small, capsys):
@@ -63,18 +61,6 @@ dir = "out"
     assert second["store"]["misses"] == 0 and second["selected"] == first["selected"]
 
 
-def test_config_errors_are_clear(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[model]\ncheckpoint = 'x.pt'\n[data]\ntrain = 'd'\n[sweep]\nresolution = [1]\n[output]\ndir='o'\n")
-    with pytest.raises(UserInputError, match="unknown keys \\['resolution'\\] in \\[sweep\\]"):
-        PipelineConfig.from_toml(bad)
-    bad.write_text("[model\n")
-    with pytest.raises(UserInputError, match="not valid TOML"):
-        PipelineConfig.from_toml(bad)
-    with pytest.raises(UserInputError, match="does not exist"):
-        PipelineConfig.from_toml(tmp_path / "none.toml")
-
-
 @pytest.mark.slow
 def test_demo_end_to_end_reduced(demo_trained):
     """The README's main command at test size (reuses the session's trained demo model)."""
@@ -90,11 +76,16 @@ def test_demo_end_to_end_reduced(demo_trained):
     assert rep["iso_latency_gain"] is not None and rep["iso_accuracy_speedup"] is not None
     curve = {row["resolution"]: row for row in rep["finetune_curve"]}
     assert curve[96]["finetuned"]["top1"] > curve[64]["no_finetune"]["top1"]
-    # the shipped bundle classifies images with the torch-free runtime
+    # the shipped bundle classifies the held-out demo images with the torch-free runtime, as
+    # accurately as the sweep measured the selected engine on the same images
+    from fixres_deploy.data.folders import index_image_folder
     from fixres_deploy.ship.runtime import predict_bundle
 
-    val = demo_trained["val"]
-    cls = sorted(os.listdir(val))[0]
-    img = os.path.join(val, cls, sorted(os.listdir(os.path.join(val, cls)))[0])
-    pred = predict_bundle(os.path.join(out, "bundle"), [img])[0]
-    assert pred.error is None and pred.label in manifest["labels"] if "labels" in manifest else True
+    assert manifest["class_names"] == sorted(os.listdir(demo_trained["val"]))
+    val = index_image_folder(demo_trained["val"])
+    preds = predict_bundle(os.path.join(out, "bundle"), [s.path for s in val.samples])
+    assert len(preds) == len(val.samples) == 400 and all(p.error is None for p in preds)
+    truth = [val.classes[s.label] for s in val.samples]
+    accuracy = sum(p.label == t for p, t in zip(preds, truth)) / len(preds)
+    assert accuracy >= 0.8, accuracy  # the demo's selected points reach 90-97% (README)
+    assert accuracy == pytest.approx(chosen["top1"], abs=0.02)  # same engine, same preprocessing, same images

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> int:
+    from fixres_deploy.data.folders import DEFAULT_VAL_FRACTION
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="ImageFolder root; a hash split is held out for evaluation")
     p.add_argument("--checkpoint", required=True, help="base model trained at --train-res")
@@ -30,7 +32,7 @@ def main() -> int:
     p.add_argument("--precisions", default="fp32,fp16,int8")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--shape-modes", default="fixed,dynamic")
-    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--latency", default="standard")
@@ -40,10 +42,10 @@ def main() -> int:
     args = p.parse_args()
 
     from fixres_deploy.choose.report import build_report
-    from fixres_deploy.choose.select import SelectionConfig
     from fixres_deploy.core.utils import parse_int_list, write_json
-    from fixres_deploy.sweep.pipeline import PipelineConfig, run_pipeline
-    from fixres_deploy.sweep.sweep import SweepConfig, SweepResult
+    from fixres_deploy.sweep.config import PipelineConfig, SelectionConfig, SweepConfig
+    from fixres_deploy.sweep.pipeline import run_pipeline
+    from fixres_deploy.sweep.sweep import SweepResult
 
     sweep_cfg = SweepConfig(
         checkpoint=args.checkpoint,
@@ -116,7 +118,7 @@ def main() -> int:
             f"iso-accuracy speedup (batch {args.target_batch}): {s['value']:.2f}x "
             f"({s['ci'][0]:.2f}-{s['ci'][1]:.2f}) via {s['label']}\n"
         )
-    print("| latency budget (p50, batch %d) | selected | top-1 %% [95%% CI] | p50 ms |" % args.target_batch)
+    print(f"| latency budget (p50, batch {args.target_batch}) | selected | top-1 % [95% CI] | p50 ms |")
     print("|---:|---|---|---:|")
     for c in choices:
         print(

@@ -5,7 +5,8 @@ level, hardware compatibility, timing cache, one optimization profile per shape 
 ``build_serialized_network`` → ``.plan`` (written atomically), with the engine inspector's
 per-layer JSON saved beside it as ``<name>.layers.json``.
 
-Precision, TensorRT 10 vs 11 (see NOTES.md): TensorRT 11 removed weak typing — every network
+Precision, TensorRT 10 vs 11 (10.1 deprecated implicit quantization, 10.12 the FP16/INT8 builder
+flags; the 11.4 bindings have neither): TensorRT 11 removed weak typing — every network
 is strongly typed, BuilderFlag.FP16/INT8 and the calibrators are gone — so precision lives in
 the ONNX graph: an fp16 graph, or explicit Q/DQ for int8. On TensorRT 10 a graph that carries
 its precision is built with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (TensorRT must
@@ -28,7 +29,6 @@ This module must not import torch: the production runtime loads it in a torch-fr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -663,17 +663,3 @@ def runner_from_artifact(artifact: EngineArtifact, **options) -> TensorRTRunner:
         device_id=options.get("device_id", 0),
         built_with=meta,
     )
-
-
-def layer_precisions(layers_json_path: str) -> dict[str, int]:
-    """Count engine layers per output precision from ``<name>.layers.json`` (for reports)."""
-    with open(layers_json_path, encoding="utf-8") as f:
-        info = json.load(f)
-    counts: dict[str, int] = {}
-    for layer in info.get("Layers", []):
-        if not isinstance(layer, dict):
-            continue
-        outs = layer.get("Outputs") or [{}]
-        fmt = str(outs[0].get("Format/Datatype", "?")) if isinstance(outs[0], dict) else "?"
-        counts[fmt] = counts.get(fmt, 0) + 1
-    return counts

@@ -15,63 +15,12 @@ from dataclasses import asdict, dataclass, field
 
 from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.core.stats import mcnemar_test, paired_diff_interval
+from fixres_deploy.sweep.config import SelectionConfig
 from fixres_deploy.sweep.points import SweepPoint
-
-OBJECTIVES = ("max_accuracy", "min_latency")
-SPEED_METRICS = ("latency", "throughput")
 
 
 class NoFeasiblePointError(FixResError):
     """No measured point meets the constraints; the message says what the closest one gives."""
-
-
-@dataclass
-class SelectionConfig:
-    """What the user wants.
-
-    Attributes:
-        objective: ``"max_accuracy"`` (subject to a latency budget) or ``"min_latency"``
-            (subject to an accuracy floor or a maximum drop from the best).
-        metric: ``"latency"`` (per call at the target batch and percentile) or
-            ``"throughput"`` (images/s at the target batch; budgets then are minimum img/s).
-        batch_size: target batch size (default: the smallest measured).
-        percentile: latency percentile, ``"p50"``, ``"p90"`` or ``"p99"``.
-        latency_budget_ms: max latency (metric latency).
-        min_throughput_ips: min throughput (metric throughput).
-        min_top1: accuracy floor (fraction).
-        max_drop: max top-1 drop from the most accurate point (fraction).
-        alpha: significance level of the paired accuracy test.
-        latency_rel_tie: latency differences below this relative size are ties, unless the
-            measured spread is larger.
-        backend, shape_mode, precision: optional filters.
-    """
-
-    objective: str = "max_accuracy"
-    metric: str = "latency"
-    batch_size: int | None = None
-    percentile: str = "p50"
-    latency_budget_ms: float | None = None
-    min_throughput_ips: float | None = None
-    min_top1: float | None = None
-    max_drop: float | None = None
-    alpha: float = 0.05
-    latency_rel_tie: float = 0.03
-    backend: str | None = None
-    shape_mode: str | None = None
-    precision: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserInputError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.metric not in SPEED_METRICS:
-            raise UserInputError(f"metric must be one of {SPEED_METRICS}, got {self.metric!r}")
-        if self.percentile not in ("p50", "p90", "p99"):
-            raise UserInputError(f"percentile must be p50, p90 or p99, got {self.percentile!r}")
-        if not 0 < self.alpha < 1:
-            raise UserInputError(f"alpha must be in (0, 1), got {self.alpha}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 from fixres_deploy import __version__
 from fixres_deploy.core.errors import FixResError
+from fixres_deploy.data.folders import DEFAULT_VAL_FRACTION
 
 log = logging.getLogger("fixres_deploy.cli.app")
 
@@ -300,7 +301,12 @@ def _finetune_parser(sub) -> None:
         "--val-data",
         help="held-out images for before/after accuracy (default: a hash split of --data, see --val-fraction)",
     )
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when --val-data is omitted")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help=f"held-out share when --val-data is omitted (default {DEFAULT_VAL_FRACTION})",
+    )
     p.add_argument("--resolutions", required=True, help="comma-separated test resolutions, e.g. 128,160")
     p.add_argument("--out", required=True, help="output folder for model_r{K}.pt and finetune.json")
     p.add_argument("--epochs", type=int, default=8)

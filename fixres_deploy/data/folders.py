@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fixres_deploy.core.errors import DataError
 from fixres_deploy.core.utils import progress
@@ -96,6 +95,9 @@ def hash_fraction(name: str, salt: str = "") -> float:
     """A stable pseudo-random number in [0, 1) from a file name (independent of the folder)."""
     digest = hashlib.sha1(f"{salt}{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+DEFAULT_VAL_FRACTION = 0.3  # held-out share of a hash split: the one default of sweep, run and finetune
 
 
 def split_by_hash(
@@ -239,7 +241,3 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
     )
-
-
-def relative_paths(index: ImageFolderIndex) -> list[str]:
-    return [Path(os.path.relpath(s.path, index.root)).as_posix() for s in index.samples]

@@ -36,7 +36,7 @@ from typing import Any
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig, finetune_transform
 from fixres_deploy.core.utils import progress
-from fixres_deploy.data.folders import ImageFolderIndex, SkipLog, make_loader
+from fixres_deploy.data.folders import DEFAULT_VAL_FRACTION, ImageFolderIndex, SkipLog, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def discover_fixres_modules(model, *, probe_size: int = 128, in_channels: int = 
         model.train(was_training)
 
     last_spatial = None
-    for i, (mname, out) in enumerate(calls):
+    for i, (_name, out) in enumerate(calls):
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
             last_spatial = i
     if last_spatial is None:
@@ -776,7 +776,7 @@ def finetune_checkpoint(
     opts: FinetuneOptions | None = None,
     bn: Sequence[str] | None = None,
     head: Sequence[str] | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> list[ResolutionResult]:
     """`fixres-deploy finetune`: fine-tune at each resolution, save checkpoints and finetune.json.
 

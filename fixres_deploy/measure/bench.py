@@ -6,7 +6,7 @@ tune; the CPU clock ramps), in ``repeats`` separate runs: the reported percentil
 medians of the per-repeat percentiles, and their spread says how stable the number is.
 
 Why so careful: on a shared 2-core machine OpenMP / ONNX Runtime threads spin, and another
-process's load slows torch eager ~10x and ONNX Runtime ~3x (NOTES.md). So each repeat also
+process's load slows torch eager ~10x and ONNX Runtime ~3x (measured on a 2-core box). So each repeat also
 records the CPU use of *other* processes (:mod:`fixres_deploy.measure.sysload`); a repeat that ran
 under more than ``contention_threshold`` cores of foreign load is measured again (up to
 ``remeasure_if_contended`` times) and the result carries a ``contended`` flag when the noise

@@ -2,7 +2,7 @@
 
 On a shared machine a benchmark is only as good as the quiet it ran in: OpenMP / ONNX Runtime
 threads spin-wait, so another process's load slows torch eager ~10x and ONNX Runtime ~3x on
-the 2-core boxes this project runs on (see NOTES.md). A latency without the load it was
+the 2-core boxes this project runs on (measured there). A latency without the load it was
 measured under cannot be compared with anything, so every measurement records it.
 
 Method (Linux): the machine's busy time comes from ``/proc/stat`` (all CPUs, in jiffies), our

@@ -11,14 +11,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.utils import read_json, stable_hash, write_json
-
-if TYPE_CHECKING:  # imported lazily at run time: keeps `fixres-deploy --help` light
-    from fixres_deploy.choose.select import SelectionConfig
-    from fixres_deploy.sweep.sweep import SweepConfig
+from fixres_deploy.sweep.config import PipelineConfig, SelectionConfig, SweepConfig, write_effective_config
 
 log = logging.getLogger(__name__)
 
@@ -84,134 +80,19 @@ def prepare_demo_model(out: str | os.PathLike, *, size: str = "full") -> dict:
     }
 
 
-PIPELINE_SECTIONS = {
-    "model": {"spec", "checkpoint", "num_classes", "train_res"},
-    "data": {"train", "eval", "val_fraction"},
-    "sweep": {
-        "resolutions",
-        "prior_stride",
-        "precisions",
-        "backends",
-        "shape_modes",
-        "batch_sizes",
-        "finetune",
-        "finetune_epochs",
-        "finetune_lr",
-        "calibration_size",
-        "calibration_method",
-        "int8_float_layers",
-        "exporter",
-        "eval_limit",
-        "eval_batch",
-        "latency",
-        "threads",
-        "store",
-        "retry_failed",
-    },
-    "select": {
-        "objective",
-        "metric",
-        "batch_size",
-        "percentile",
-        "latency_budget_ms",
-        "min_throughput_ips",
-        "min_top1",
-        "max_drop",
-        "alpha",
-        "backend",
-        "shape_mode",
-        "precision",
-    },
-    "output": {"dir", "bundle", "tar", "triton"},
-}
-
-
-@dataclass
-class PipelineConfig:
-    """`fixres-deploy run`'s config: the TOML file's sections as dataclasses."""
-
-    sweep: SweepConfig
-    select: SelectionConfig
-    out: str
-    bundle: bool = True
-    tar: bool = False
-    triton: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict, *, base_dir: str = ".") -> PipelineConfig:
-        from fixres_deploy.choose.select import SelectionConfig
-        from fixres_deploy.sweep.sweep import SweepConfig
-
-        unknown = sorted(set(d) - set(PIPELINE_SECTIONS))
-        if unknown:
-            raise UserInputError(f"unknown config sections {unknown}; known: {sorted(PIPELINE_SECTIONS)}")
-        for section, keys in PIPELINE_SECTIONS.items():
-            extra = sorted(set(d.get(section, {})) - keys)
-            if extra:
-                raise UserInputError(f"unknown keys {extra} in [{section}]; known: {sorted(keys)}")
-
-        def path(v):
-            return v if v is None or os.path.isabs(v) else os.path.normpath(os.path.join(base_dir, v))
-
-        m, data, sw = d.get("model", {}), d.get("data", {}), dict(d.get("sweep", {}))
-        for key in ("checkpoint",):
-            if key not in m:
-                raise UserInputError(f"[model] needs '{key}'")
-        if "train" not in data:
-            raise UserInputError(
-                "[data] needs 'train' (an ImageFolder root; 'eval' too, or a hash split of 'train' with val_fraction)"
-            )
-        if "finetune" in sw:
-            sw["finetune"] = [bool(v) for v in sw["finetune"]]
-        if "store" in sw:
-            sw["store"] = path(sw["store"])
-        sweep = SweepConfig(
-            checkpoint=path(m["checkpoint"]),
-            model=m.get("spec"),
-            num_classes=m.get("num_classes"),
-            train_res=m.get("train_res"),
-            train_data=path(data["train"]),
-            eval_data=path(data.get("eval")),
-            val_fraction=data.get("val_fraction", 0.3),
-            **sw,
-        )
-        select = SelectionConfig(**d.get("select", {}))
-        o = d.get("output", {})
-        if "dir" not in o:
-            raise UserInputError("[output] needs 'dir'")
-        return cls(
-            sweep=sweep,
-            select=select,
-            out=path(o["dir"]),
-            bundle=o.get("bundle", True),
-            tar=o.get("tar", False),
-            triton=o.get("triton", True),
-        )
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> PipelineConfig:
-        import tomllib
-
-        try:
-            with open(path, "rb") as f:
-                d = tomllib.load(f)
-        except FileNotFoundError as exc:
-            raise UserInputError(f"config '{path}' does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise UserInputError(f"config '{path}' is not valid TOML: {exc}") from exc
-        return cls.from_dict(d, base_dir=os.path.dirname(os.path.abspath(path)))
-
-
 def run_pipeline(pc: PipelineConfig) -> dict:
     """`fixres-deploy run`: prior → fine-tune → export → build → sweep → select → report → bundle.
 
     Resumable: every measured stage is in the result store, so a second run (or a run after
-    an interruption) only computes what is missing.
+    an interruption) only computes what is missing. The inputs are checked before anything
+    is written; then ``OUT/config.effective.toml`` records the config this run used.
     """
     from fixres_deploy.choose.report import write_report
     from fixres_deploy.sweep.sweep import run_sweep
 
     t0 = time.perf_counter()
+    pc.validate()
+    summary_config = write_effective_config(pc, pc.out)
     sweep = run_sweep(pc.sweep, pc.out)
     rep = write_report(sweep, pc.out, pc.select)
     summary = {
@@ -224,6 +105,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         "iso_accuracy_speedup": rep["iso_accuracy_speedup"],
         "sweep_seconds": sweep.seconds,
         "store": {"hits": sweep.store_hits, "misses": sweep.store_misses},
+        "config": summary_config,
     }
     if pc.bundle:
         from fixres_deploy.ship.bundle_select import bundle_selected
@@ -243,9 +125,6 @@ def run_pipeline(pc: PipelineConfig) -> dict:
 
 def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> PipelineConfig:
     """The demo's pipeline: prior candidates, ORT fp32/fp16/int8, batch 1 and 8, both shape modes."""
-    from fixres_deploy.choose.select import SelectionConfig
-    from fixres_deploy.sweep.sweep import SweepConfig
-
     recipe: DemoRecipe = prep["recipe"]
     quick = size == "test"
     sweep = SweepConfig(
@@ -255,6 +134,7 @@ def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> Pipelin
         train_res=recipe.train_res,
         prior_stride=recipe.stride,
         resolutions=[64, 96] if quick else None,
+        backends=["onnxruntime"],
         precisions=["fp32", "int8"] if quick else ["fp32", "fp16", "int8"],
         batch_sizes=[1, 8] if not quick else [4],
         shape_modes=["fixed", "dynamic"] if not quick else ["fixed"],

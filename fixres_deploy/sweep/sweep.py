@@ -27,98 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from fixres_deploy.core.env import PIPELINE_MODULES, library_versions, machine_id
-from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
+from fixres_deploy.sweep.config import SweepConfig
 from fixres_deploy.sweep.points import SweepPoint
 from fixres_deploy.sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-SHAPE_MODES = ("fixed", "dynamic")
 SWEEP_FORMAT = "fixres-deploy/sweep"
 SWEEP_SCHEMA_VERSION = 1
-
-
-@dataclass
-class SweepConfig:
-    """What to sweep (every field can come from a TOML file or flags).
-
-    Attributes:
-        checkpoint: the base model (trained at ``train_res``).
-        model: model spec (optional for fixres-deploy checkpoints).
-        num_classes: classifier size (optional: inferred).
-        train_data: fine-tune and calibration images (a training split).
-        eval_data: held-out evaluation images; when None, ``train_data`` is split by a hash
-            of each file name and ``val_fraction`` of it is held out (never fine-tuned on).
-        val_fraction: held-out share for that split.
-        train_res: K_train (default: what the checkpoint records).
-        resolutions: candidate test resolutions (default: the prior's candidates).
-        prior_stride: stride of the prior's candidate grid (the network's total stride).
-        precisions, backends, shape_modes, batch_sizes: the grid.
-        finetune: which of (False, True) to measure: base model and/or FixRes fine-tuned.
-        finetune_epochs, finetune_lr: FixRes fine-tune options.
-        calibration_size: int8 calibration images (class-balanced from train_data).
-        calibration_method: "minmax", "percentile" or "entropy".
-        int8_float_layers: "default" (first conv + classifier in float) or "none".
-        exporter: ONNX exporter ("dynamo", "torchscript", "auto").
-        eval_limit: evaluate on at most this many images (class-balanced), None: all.
-        eval_batch: batch size of the accuracy runs.
-        latency: LatencyConfig fields (dict) or a preset name ("quick", "standard", "thorough").
-        threads: ONNX Runtime intra-op threads (None: library default).
-        store: result store folder (default: OUT/store).
-        retry_failed: re-run stages whose stored result is a failure.
-    """
-
-    checkpoint: str
-    train_data: str
-    eval_data: str | None = None
-    val_fraction: float = 0.3
-    model: str | None = None
-    num_classes: int | None = None
-    train_res: int | None = None
-    resolutions: list[int] | None = None
-    prior_stride: int = 32
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
-    backends: list[str] = field(default_factory=lambda: ["onnxruntime"])
-    shape_modes: list[str] = field(default_factory=lambda: ["fixed", "dynamic"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    finetune: list[bool] = field(default_factory=lambda: [False, True])
-    finetune_epochs: int = 8
-    finetune_lr: float | None = None
-    calibration_size: int = 256
-    calibration_method: str = "minmax"
-    int8_float_layers: str = "default"
-    exporter: str = "dynamo"
-    eval_limit: int | None = None
-    eval_batch: int = 32
-    latency: dict | str = "standard"
-    threads: int | None = None
-    store: str | None = None
-    retry_failed: bool = False
-
-    def validate(self) -> None:
-        for name in ("checkpoint",):
-            if not os.path.isfile(getattr(self, name)):
-                raise UserInputError(f"{name} '{getattr(self, name)}' does not exist")
-        for name in ("train_data", "eval_data"):
-            if getattr(self, name) is None and name == "eval_data":
-                continue
-            if not os.path.isdir(getattr(self, name)):
-                raise UserInputError(f"{name} '{getattr(self, name)}' is not a folder (ImageFolder root)")
-        bad = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
-        if bad:
-            raise UserInputError(f"unknown precisions {bad}; choose from fp32, fp16, int8")
-        bad = [m for m in self.shape_modes if m not in SHAPE_MODES]
-        if bad:
-            raise UserInputError(f"unknown shape modes {bad}; choose from {SHAPE_MODES}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise UserInputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
-        if not self.finetune:
-            raise UserInputError("finetune must list False and/or True")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -165,35 +83,6 @@ class SweepResult:
     def save(self, path: str | os.PathLike) -> str:
         """The one writer of ``sweep.json``."""
         return write_json(path, self.to_dict())
-
-
-def available_backends() -> list[str]:
-    """Backends that can run here: onnxruntime when importable; tensorrt with a CUDA GPU."""
-    import importlib.util
-
-    out = []
-    if importlib.util.find_spec("onnxruntime") is not None:
-        out.append("onnxruntime")
-    if importlib.util.find_spec("tensorrt") is not None:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                out.append("tensorrt")
-        except ImportError:
-            pass
-    return out
-
-
-def _latency_config(spec):
-    from fixres_deploy.measure.bench import LatencyConfig
-
-    if isinstance(spec, str):
-        presets = {"quick": LatencyConfig.quick, "standard": LatencyConfig.standard, "thorough": LatencyConfig.thorough}
-        if spec not in presets:
-            raise UserInputError(f"latency preset must be one of {sorted(presets)}, got {spec!r}")
-        return presets[spec]()
-    return LatencyConfig.from_dict(spec)
 
 
 class _EvalCache:
@@ -273,7 +162,7 @@ class _Sweep:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(cfg.store or self.out_dir / "store")
-        self.lat_cfg = _latency_config(cfg.latency)
+        self.lat_cfg = cfg.latency_config()
         self.versions = library_versions(*PIPELINE_MODULES)
         self.machine = machine_id()
         if cfg.threads:
