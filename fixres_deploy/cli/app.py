@@ -456,6 +456,7 @@ COMMAND_MODULES = [
         "fixres_deploy.cli.bench",  # bench
         "fixres_deploy.cli.sweep",  # sweep, select, report, run
         "fixres_deploy.cli.ship",  # bundle, predict, triton
+        "fixres_deploy.cli.store",  # store check, store gc
     )
     if importlib.util.find_spec(name) is not None
 ]
@@ -479,13 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(-1 if args.quiet else args.verbose)
+    from fixres_deploy.core.interrupt import Terminated, sigterm_as_interrupt
+    from fixres_deploy.core.utils import strip_ansi
+
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        with sigterm_as_interrupt():
+            return int(COMMANDS[args.command](args) or 0)
     except FixResError as exc:
         if args.debug:
             raise
-        print(f"fixres-deploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fixres-deploy {args.command}: error: {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130

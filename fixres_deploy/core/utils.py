@@ -84,6 +84,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_ANSI_ESCAPE = None
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, cursor moves) that libraries put in errors.
+
+    Error messages end up in log files, JSON reports and the CLI's one-line errors, where the
+    escapes are noise (``\\x1b[31m``) rather than colour.
+    """
+    import re
+
+    global _ANSI_ESCAPE
+    if _ANSI_ESCAPE is None:
+        _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+    return _ANSI_ESCAPE.sub("", text)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

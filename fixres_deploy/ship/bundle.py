@@ -36,7 +36,7 @@ from fixres_deploy.ship.manifest import (
     BundleEngine,
     BundleManifest,
     batch_range,
-    json_safe,
+    portable,
 )
 from fixres_deploy.ship.onnx_files import check_onnx_io, copy_onnx, unique_name
 
@@ -213,7 +213,7 @@ def _write_bundle_tree(
                 opset=opset,
                 requires=requires,
                 build_s=float(art.build_s or 0.0),
-                meta=json_safe(art.meta or {}),
+                meta=portable(art.meta or {}),
             )
         )
 
@@ -235,7 +235,7 @@ def _write_bundle_tree(
         format=BUNDLE_FORMAT,
         schema_version=MANIFEST_SCHEMA_VERSION,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        model=json_safe(model or {}),
+        model=portable(model or {}),
         resolution=preprocess.test_input_size,
         precision=primary.precision,
         backend=primary.backend,
@@ -248,8 +248,8 @@ def _write_bundle_tree(
         class_names=list(class_names),
         engines=bundle_engines,
         onnx_sources=sources,
-        metrics=json_safe(metrics or {}),
-        selection=json_safe(selection) if selection is not None else None,
+        metrics=portable(metrics or {}),
+        selection=portable(selection) if selection is not None else None,
         libraries=libraries,
         hardware=hardware,
         files=_file_table(root),

@@ -1,0 +1,314 @@
+"""Faults injected one by one (issue 8): each must end in a clear error or a correct recovery.
+
+Nothing corrupt may be measured or shipped: corrupt and truncated store artifacts, moved run
+folders, a full disk, SIGKILL/SIGTERM mid-stage, symlink loops, 16-bit and other PIL modes,
+mismatched classes, oversized resolutions, bad ``--out`` paths, archive bombs, permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from fixres_deploy.cli.app import main
+
+# --------------------------------------------------------------------------- a tiny pipeline run
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, demo_small):
+    """A tiny_resnet with BN statistics of the demo images (input-dependent predictions)."""
+    import torch
+    from helpers import spread_model
+
+    from fixres_deploy.core.preprocess import PreprocessConfig, preprocess_pil
+    from fixres_deploy.data.folders import index_image_folder, load_rgb
+    from fixres_deploy.models.registry import save_checkpoint
+
+    index = index_image_folder(f"{demo_small}/train")
+    cfg = PreprocessConfig(test_input_size=64)
+    x = np.stack([preprocess_pil(load_rgb(s.path), cfg) for s in index.samples[::4]])
+    model = spread_model(x, 10)
+    path = tmp_path_factory.mktemp("faults_ck") / "base.pt"
+    torch.manual_seed(0)
+    save_checkpoint(
+        path,
+        model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=index.classes,
+        preprocess={"test_input_size": 64, "train_input_size": 64},
+    )
+    return str(path)
+
+
+def _write_toml(path, ckpt, demo, out, resolutions=(64,)):
+    path.write_text(
+        textwrap.dedent(f"""
+        [model]
+        checkpoint = "{ckpt}"
+
+        [data]
+        train = "{demo}/train"
+        eval = "{demo}/val"
+
+        [sweep]
+        resolutions = {list(resolutions)}
+        precisions = ["fp32"]
+        backends = ["onnxruntime"]
+        batch_sizes = [2]
+        shape_modes = ["fixed"]
+        finetune = [false]
+        exporter = "torchscript"
+        latency = {{ warmup_iters = 1, warmup_s = 0.0, min_iters = 3, budget_s = 0.05, repeats = 1, check_load = false }}
+
+        [select]
+        objective = "max_accuracy"
+
+        [output]
+        dir = "{out}"
+        """)
+    )
+    return str(path)
+
+
+def _run(config, capsys) -> tuple[int, dict | None, str]:
+    rc = main(["run", "--config", config, "--json"])
+    cap = capsys.readouterr()
+    return rc, (json.loads(cap.out) if rc == 0 else None), cap.err
+
+
+def _selected_engine(out) -> str:
+    rep = json.loads(open(os.path.join(out, "report.json")).read())
+    return rep["points"][rep["selected"]]["engine_path"]
+
+
+def _bundle_engine_sha(out) -> str:
+    manifest = json.loads(open(os.path.join(out, "bundle", "manifest.json")).read())
+    engine_file = manifest["engines"][0]["file"]
+    return _sha(os.path.join(out, "bundle", engine_file))
+
+
+# --------------------------------------------------------------------------- 1. corrupt artifacts
+
+
+def test_1_corrupt_and_truncated_store_artifacts_are_quarantined_and_recomputed(
+    tmp_path, base_ckpt, demo_small, capsys, caplog
+):
+    out = tmp_path / "run"
+    config = _write_toml(tmp_path / "run.toml", base_ckpt, demo_small, "run")
+    rc, _, _ = _run(config, capsys)
+    assert rc == 0
+    engine = _selected_engine(out)
+    assert engine.startswith(str(out / "store" / "artifacts"))
+    good_sha = _sha(engine)
+    assert _bundle_engine_sha(out) == good_sha
+    top1 = json.loads((out / "report.json").read_text())["points"][0]["top1"]
+
+    # zero a third of the stored engine in its middle (it still parses: wrong weights)
+    size = os.path.getsize(engine)
+    with open(engine, "r+b") as f:
+        f.seek(size // 3)
+        f.write(b"\0" * (size // 3))
+    caplog.clear()
+    rc, second, _ = _run(config, capsys)
+    assert rc == 0
+    assert "failed verification" in caplog.text and engine in caplog.text
+    assert second["store"]["misses"] >= 1
+    quarantined = list((out / "store" / "quarantine").iterdir())
+    assert len(quarantined) == 1 and (quarantined[0] / "problems.txt").read_text().count("sha256") == 1
+    assert _sha(engine) == good_sha  # recomputed
+    assert _bundle_engine_sha(out) == good_sha  # the bundle ships the recomputed engine
+    assert json.loads((out / "report.json").read_text())["points"][0]["top1"] == top1
+
+    # a truncated artifact recovers the same way (it used to block every rerun)
+    with open(engine, "r+b") as f:
+        f.truncate(size // 2)
+    caplog.clear()
+    rc, _, _ = _run(config, capsys)
+    assert rc == 0 and "truncated" in caplog.text
+    assert _sha(engine) == good_sha and _bundle_engine_sha(out) == good_sha
+
+    # `store check` reports a bad record (exit 1) and quarantines it; then the store is clean
+    with open(engine, "r+b") as f:
+        f.write(b"garbage")
+    assert main(["store", "check", str(out), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["bad"]) == 1 and report["bad"][0]["stage"] == "engine"
+    assert not os.path.exists(engine)
+    assert main(["store", "check", str(out / "store"), "--json"]) == 0
+    capsys.readouterr()
+    # gc: quarantine and nothing else (every artifact folder is referenced)
+    assert main(["store", "gc", str(out), "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["unreferenced"] == [] and len(planned["quarantine"]) == 3
+    assert (out / "store" / "quarantine").exists()
+    assert main(["store", "gc", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert list((out / "store" / "quarantine").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 2. copied run folder
+
+
+def test_2_copied_run_folder_uses_its_own_files(tmp_path, base_ckpt, demo_small, capsys):
+    config_a = _write_toml(tmp_path / "a.toml", base_ckpt, demo_small, "runs/a")
+    rc, _, _ = _run(config_a, capsys)
+    assert rc == 0
+    run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    shutil.copytree(run_a, run_b, symlinks=True)
+    shutil.rmtree(run_a)  # the original is gone: nothing may point into it
+    config_b = _write_toml(tmp_path / "b.toml", base_ckpt, demo_small, "runs/b")
+    rc, second, _ = _run(config_b, capsys)
+    assert rc == 0, "the copied run must work without the original folder"
+    assert second["store"]["misses"] == 0  # every stage reused from the copied store
+    assert _selected_engine(run_b).startswith(str(run_b / "store"))
+    assert _bundle_engine_sha(run_b) == _sha(_selected_engine(run_b))
+    # no stored record, manifest or Triton file names the original folder (nor any absolute store path)
+    for folder in ("store/objects", "bundle", "triton"):
+        for dirpath, _, files in os.walk(run_b / folder):
+            for name in files:
+                text = open(os.path.join(dirpath, name), "rb").read().decode("utf-8", "replace")
+                assert str(run_a) not in text, os.path.join(dirpath, name)
+                if folder != "triton":
+                    assert str(run_b / "store") not in text, os.path.join(dirpath, name)
+
+
+# --------------------------------------------------------------------------- 3. transient failures
+
+
+def test_3_disk_full_is_not_cached_and_the_rerun_completes(tmp_path, base_ckpt, demo_small, capsys, monkeypatch):
+    import fixres_deploy.engines.engine as engine_mod
+
+    config = _write_toml(tmp_path / "run.toml", base_ckpt, demo_small, "run", resolutions=(64, 96))
+    real = engine_mod.build_verified_engine
+    calls = {"n": 0}
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second engine: the disk fills up while writing it
+            raise OSError(errno.ENOSPC, "No space left on device", "engine.onnx")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod, "build_verified_engine", full_disk)
+    rc, _, err = _run(config, capsys)
+    assert rc != 0, "a full disk must fail the run, not drop points"
+    assert "No space left on device" in err and "run the same command again" in err
+    monkeypatch.setattr(engine_mod, "build_verified_engine", real)
+    rc, summary, _ = _run(config, capsys)
+    assert rc == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(rep["points"]) == 2 and all(p["error"] is None for p in rep["points"])
+    assert summary["store"]["hits"] > 0  # the first engine and everything before it were kept
+
+
+def test_3_error_kinds():
+    from fixres_deploy.sweep.store import DETERMINISTIC, ENVIRONMENTAL, error_kind
+
+    assert error_kind(OSError(errno.ENOSPC, "full")) == ENVIRONMENTAL
+    assert error_kind(OSError(errno.EDQUOT, "quota")) == ENVIRONMENTAL
+    assert error_kind(MemoryError()) == ENVIRONMENTAL
+    assert error_kind(subprocess.CalledProcessError(-9, ["trtexec"])) == ENVIRONMENTAL
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "full")
+        except OSError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as wrapped:
+        assert error_kind(wrapped) == ENVIRONMENTAL
+    assert error_kind(RuntimeError("TensorRT cannot build this graph")) == DETERMINISTIC
+    assert error_kind(FileNotFoundError(errno.ENOENT, "x")) == DETERMINISTIC
+
+
+# --------------------------------------------------------------------------- 10. orphan temp folders
+
+_STAGE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from fixres_deploy.core.interrupt import sigterm_as_interrupt
+from fixres_deploy.sweep.store import ResultStore
+
+store = ResultStore(sys.argv[1])
+def slow(d):
+    (d / "half.bin").write_bytes(b"x" * 1000)
+    Path(sys.argv[2]).write_text("ready")
+    time.sleep(60)
+    return {}
+with sigterm_as_interrupt():
+    store.run("slow", {"a": 1}, slow)
+"""
+
+
+def _start_stage(tmp_path):
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STAGE_SCRIPT, str(tmp_path / "store"), str(ready)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "stage did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _temp_dirs(store):
+    return [p for p in (store / "artifacts").iterdir() if p.name.startswith(".")]
+
+
+def test_10_sigkill_orphans_are_removed_and_sigterm_cleans_up(tmp_path, capsys):
+    from fixres_deploy.sweep.store import ResultStore
+
+    store = tmp_path / "store"
+    proc = _start_stage(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    orphans = _temp_dirs(store)
+    assert len(orphans) == 1  # SIGKILL leaves the temp folder: nothing can run
+    # `store gc --dry-run` lists it; opening the store (any run) removes it
+    assert main(["store", "gc", str(store), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["orphans"] == [str(orphans[0])]
+    ResultStore(store)
+    assert _temp_dirs(store) == []
+    # a live process's temp folder is left alone
+    (tmp_path / "ready").unlink()
+    proc = _start_stage(tmp_path)
+    ResultStore(store)
+    assert len(_temp_dirs(store)) == 1
+    # SIGTERM: the process cleans up its own temp folder and exits 143-style
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    assert _temp_dirs(store) == []
+    assert list(ResultStore(store).records()) == []
+
+
+def test_store_record_schema_and_old_records(tmp_path, caplog):
+    """Records are stamped (format, schema_version); an old record is a miss, said so."""
+    from fixres_deploy.sweep.store import STORE_RECORD_FORMAT, STORE_SCHEMA_VERSION, ResultStore
+
+    store = ResultStore(tmp_path)
+    rec, _ = store.run("s", {"a": 1}, lambda d: {"path": str(d / "f.txt")} if (d / "f.txt").write_text("x") else {})
+    raw = json.loads(store._record_path(rec["key"]).read_text())
+    assert raw["format"] == STORE_RECORD_FORMAT and raw["schema_version"] == STORE_SCHEMA_VERSION
+    assert raw["result"]["path"] == f"@store/artifacts/{rec['key']}/f.txt"
+    assert raw["files"] == {"f.txt": {"size_bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}}
+    raw["schema_version"] = 1
+    store._record_path(rec["key"]).write_text(json.dumps(raw))
+    calls = []
+    _, cached = store.run("s", {"a": 1}, lambda d: calls.append(1) or {})
+    assert not cached and calls and "schema_version 1" in caplog.text
