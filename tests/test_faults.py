@@ -312,3 +312,163 @@ def test_store_record_schema_and_old_records(tmp_path, caplog):
     calls = []
     _, cached = store.run("s", {"a": 1}, lambda d: calls.append(1) or {})
     assert not cached and calls and "schema_version 1" in caplog.text
+
+
+# --------------------------------------------------------------------------- 4. resource bounds
+
+
+def test_4_oversized_resolution_is_refused_before_any_work(tmp_path, demo_small, capsys, monkeypatch):
+    import fixres_deploy.models.registry as registry
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded: the limit must be checked first")
+
+    monkeypatch.setattr(registry, "load_model", no_work)
+    monkeypatch.delenv("FIXRES_MAX_PIXELS", raising=False)
+    data = f"{demo_small}/val"
+    rc = main(
+        ["evaluate", "--model", "fixres:tiny_resnet", "--num-classes", "10", "--data", data, "--resolution", "100000"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "100000x100000" in err and "--max-pixels" in err and "available memory" in err
+    # finetune and bench are bounded the same way
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            "fixres:tiny_resnet",
+            "--data",
+            data,
+            "--resolutions",
+            "64,100000",
+            "--out",
+            str(tmp_path / "ft"),
+        ]
+    )
+    assert rc == 2 and "--max-pixels" in capsys.readouterr().err
+    rc = main(["bench", "--onnx", "missing.onnx", "--resolutions", "100000", "--batch-sizes", "1"])
+    assert rc == 2 and "--max-pixels" in capsys.readouterr().err
+    # the limit can be set explicitly: by flag or environment (named in the message)
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "fixres:tiny_resnet",
+            "--data",
+            data,
+            "--resolution",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-pixels",
+            "1000",
+        ]
+    )
+    assert rc == 2 and "limit of 1,000 (--max-pixels)" in capsys.readouterr().err
+    monkeypatch.setenv("FIXRES_MAX_PIXELS", "2000")
+    rc = main(["evaluate", "--model", "fixres:tiny_resnet", "--data", data, "--resolution", "64"])
+    assert rc == 2 and "limit of 2,000 (FIXRES_MAX_PIXELS)" in capsys.readouterr().err
+
+
+def test_4_limit_from_memory_and_the_sweep_checks_it(tmp_path, base_ckpt, demo_small, monkeypatch, capsys):
+    from fixres_deploy.core import limits
+
+    monkeypatch.delenv("FIXRES_MAX_PIXELS", raising=False)
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: 8 * 2**30)
+    limit, source = limits.max_pixels()
+    assert limit == 8 * 2**30 * limits.MEMORY_FRACTION // limits.BYTES_PER_INPUT_PIXEL and "8.0 GiB" in source
+    assert limits.available_memory_bytes() == 8 * 2**30
+    monkeypatch.undo()
+    assert limits.available_memory_bytes() > 0  # read from this machine (/proc/meminfo or sysconf)
+    config = _write_toml(tmp_path / "run.toml", base_ckpt, demo_small, "run", resolutions=(64, 50000))
+    rc, _, err = _run(config, capsys)
+    assert rc == 2 and "50000x50000" in err and "--max-pixels" in err
+    assert not (tmp_path / "run" / "store" / "artifacts").exists() or not any(
+        (tmp_path / "run" / "store" / "artifacts").iterdir()
+    )
+
+
+# --------------------------------------------------------------------------- 8. --out validated up front
+
+
+def _immutable_folder(path):
+    """A folder nobody (root included) can write in: chattr +i, or mode 0555 for non-root."""
+    path.mkdir()
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=False)
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return lambda: path.chmod(0o755)
+    pytest.skip("no way to make a read-only folder here (root without chattr)")
+
+
+@pytest.mark.parametrize(
+    "cmd, kind",
+    [
+        (["build", "--onnx", "m.onnx", "--resolutions", "64"], "dir"),
+        (["export", "--checkpoint", "c.pt", "--resolution", "64"], "file"),
+        (["bench", "--onnx", "m.onnx"], "file"),
+        (["triton", "--bundle", "b"], "dir"),
+        (["bundle", "--index", "i.json", "--artifact", "0"], "dir"),
+        (["sweep", "--checkpoint", "c.pt", "--data", "d"], "dir"),
+    ],
+)
+def test_8_bad_out_is_one_clear_error(tmp_path, capsys, cmd, kind):
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    a_folder = tmp_path / "folder"
+    a_folder.mkdir()
+    wrong = a_file if kind == "dir" else a_folder
+    assert main([*cmd, "--out", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--out '{wrong}'" in err
+    assert ("is an existing file" if kind == "dir" else "is a folder") in err
+    # under a file: nothing can be created
+    assert main([*cmd, "--out", str(a_file / "sub" / "x")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    # a read-only folder
+    ro = tmp_path / "ro"
+    restore = _immutable_folder(ro)
+    try:
+        assert main([*cmd, "--out", str(ro / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write in" in err and str(ro) in err
+    finally:
+        restore()
+
+
+def test_8_run_checks_its_output_folder(tmp_path, base_ckpt, demo_small, capsys):
+    (tmp_path / "taken").write_text("x")
+    config = _write_toml(tmp_path / "run.toml", base_ckpt, demo_small, "taken")
+    rc, _, err = _run(config, capsys)
+    assert rc == 2 and "is an existing file" in err and "[output] dir" in err
+
+
+# --------------------------------------------------------------------------- 12. smaller ones
+
+
+def test_12_resolution_lists(capsys, caplog):
+    from fixres_deploy.core.errors import UserInputError
+    from fixres_deploy.core.utils import parse_int_list
+    from fixres_deploy.sweep.config import SweepConfig
+
+    assert main(["bench", "--onnx", "m.onnx", "--resolutions", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--resolutions is empty" in err and "profile" not in err
+    assert parse_int_list("64,96,64", "--resolutions") == [64, 96]
+    assert "more than once" in caplog.text
+    with pytest.raises(UserInputError, match="empty"):
+        SweepConfig(checkpoint="c.pt", train_data="d", resolutions=[])
+
+
+def test_12_ansi_escapes_are_stripped_from_errors(capsys, monkeypatch):
+    import fixres_deploy.cli.app as app
+    from fixres_deploy.core.errors import UserInputError
+
+    def colored(args):
+        raise UserInputError("\x1b[31mbad\x1b[0m input \x1b[1;33mhere\x1b[0m")
+
+    monkeypatch.setitem(app.COMMANDS, "prior", colored)
+    assert main(["prior", "--train-res", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "bad input here" in err

@@ -127,7 +127,7 @@ def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | N
 
 
 def parse_int_list(text: str | Iterable[int], what: str = "list") -> list[int]:
-    """'128,160, 192' → [128, 160, 192] with a clear error."""
+    """'128,160, 192' → [128, 160, 192] with a clear error; duplicates dropped with a warning."""
     from fixres_deploy.core.errors import UserInputError
 
     if not isinstance(text, str):
@@ -137,5 +137,8 @@ def parse_int_list(text: str | Iterable[int], what: str = "list") -> list[int]:
     except ValueError as exc:
         raise UserInputError(f"{what} must be comma-separated integers, got {text!r}") from exc
     if not values:
-        raise UserInputError(f"{what} is empty: {text!r}")
-    return values
+        raise UserInputError(f"{what} is empty: {text!r}; give comma-separated integers, e.g. 160,224")
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):  # measuring a value twice costs time and proves nothing
+        log.warning("%s lists %s more than once: each is used once (%s)", what, text, ",".join(map(str, unique)))
+    return unique

@@ -246,6 +246,12 @@ class SweepConfig(_Checked):
         None, "result store folder (default: OUT/store)", example='store = "runs/store"', path=True
     )
     retry_failed: bool = option(False, "re-run stages recorded as failed")
+    max_pixels: int | None = option(
+        None,
+        "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
+        example="max_pixels = 50000000",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
