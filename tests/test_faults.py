@@ -472,3 +472,200 @@ def test_12_ansi_escapes_are_stripped_from_errors(capsys, monkeypatch):
     assert main(["prior", "--train-res", "64"]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "bad input here" in err
+
+
+# --------------------------------------------------------------------------- 5. symlink loops
+
+
+def test_5_symlink_loops_are_listed_once(tmp_path, capsys, caplog):
+    from conftest import write_random_folder
+
+    from fixres_deploy.data.folders import index_image_folder, walk_images
+
+    root = tmp_path / "imgs"
+    write_random_folder(str(root), classes=("a", "b", "circle"), per_class=4)
+    (root / "circle" / "loop").symlink_to("..")  # back to the root: every class again, forever
+    (root / "a" / "self").symlink_to(".")
+    (root / "b" / "deeper").mkdir()
+    (root / "b" / "deeper" / "up").symlink_to("../..")
+    index = index_image_folder(str(root))
+    assert len(index) == 12 and index.classes == ["a", "b", "circle"]
+    assert sorted(os.path.basename(s.path) for s in index.samples) == sorted(
+        f"{c}_{i}.{'png' if i % 2 else 'jpg'}" for c in ("a", "b", "circle") for i in range(4)
+    )
+    assert "symlink loop" in caplog.text and "loop" in caplog.text
+    # a link to a folder outside is followed (once)
+    outside = tmp_path / "more"
+    write_random_folder(str(outside), classes=("x",), per_class=2)
+    (root / "a" / "extra").symlink_to(outside / "x")
+    assert len(walk_images(root / "a")) == 6
+    rc = main(
+        ["evaluate", "--model", "fixres:tiny_resnet", "--num-classes", "3", "--data", str(root)]
+        + ["--resolution", "32", "--json", "--workers", "0"]
+    )
+    assert rc == 0 and json.loads(capsys.readouterr().out)["n"] == 14
+
+
+def test_12_predict_on_an_empty_folder_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    rc = main(["predict", "--bundle", str(tmp_path / "no_bundle"), str(tmp_path / "empty")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "holds no image files" in cap.err and cap.out == ""
+
+
+# --------------------------------------------------------------------------- 6. every PIL mode
+
+
+def _gray_rgb(img):
+    from fixres_deploy.core.preprocess import to_rgb
+
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def test_6_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
+    """A dark 16-bit image used to come out all white (saturated at 255) with 0.74 confidence."""
+    from PIL import Image
+
+    from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform, preprocess_pil
+    from fixres_deploy.data.folders import load_rgb
+
+    values = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))
+    values[:, :8] = 1000  # dark: 1000/65535 of full scale
+    path = tmp_path / "scan16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode in ("I;16", "I")  # what PIL makes of a 16-bit PNG
+    rgb = np.asarray(load_rgb(str(path)))
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 1], expected)
+    assert rgb[:, :8].max() == 4 and rgb.mean() < 140  # not saturated
+    # the torch-free runtime's preprocessing and the torchvision one see the same pixels
+    cfg = PreprocessConfig(test_input_size=32)
+    with Image.open(path) as raw:
+        raw.load()
+        a = preprocess_pil(raw, cfg)
+        b = eval_transform(cfg)(raw).numpy()
+    assert np.allclose(a, b, atol=1e-5)
+    assert np.allclose(a, preprocess_pil(Image.fromarray(rgb), cfg))
+
+
+def test_6_mode_I16B():
+    from PIL import Image
+
+    values = np.array([[0, 257, 65535, 32768]], dtype=">u2")
+    img = Image.frombytes("I;16B", (4, 1), values.tobytes())
+    assert img.mode == "I;16B"
+    assert _gray_rgb(img)[0, :, 0].tolist() == [0, 1, 255, 128]
+
+
+def test_6_mode_I_32bit_int():
+    from PIL import Image
+
+    img = Image.fromarray(np.array([[0, 65535, 70000, -5]], dtype=np.int32))
+    assert img.mode == "I"
+    assert _gray_rgb(img)[0, :, 0].tolist() == [0, 255, 255, 0]  # 16-bit range, clipped
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_6_mode_F(scale):
+    from PIL import Image
+
+    img = Image.fromarray(
+        np.array([[0.0, 0.5, 1.0, 2.0]], dtype=np.float32) * np.float32(scale / 2 if scale > 1 else 1)
+    )
+    assert img.mode == "F"
+    got = _gray_rgb(img)[0, :, 0].tolist()
+    if scale == 1.0:  # [0, 1] data (max 2.0 > 1 here: read as [0, 255])
+        assert got == [0, 0, 1, 2]
+    else:
+        assert got == [0, 64, 128, 255]
+    assert _gray_rgb(Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32)))[0, :, 0].tolist() == [0, 64, 255]
+
+
+def test_6_mode_P_with_transparency():
+    from PIL import Image
+
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    img.info["transparency"] = 1  # the blue entry is transparent
+    assert _gray_rgb(img)[0].tolist() == [[255, 0, 0], [255, 255, 255]]
+    del img.info["transparency"]
+    assert _gray_rgb(img)[0].tolist() == [[255, 0, 0], [0, 0, 255]]
+
+
+def test_6_mode_PA():
+    from PIL import Image
+
+    img = Image.new("RGBA", (2, 1))
+    img.putdata([(10, 20, 30, 255), (10, 20, 30, 0)])
+    pa = img.convert("P").convert("PA")
+    pa.putpixel((1, 0), (pa.getpixel((1, 0))[0], 0))
+    assert pa.mode == "PA"
+    assert _gray_rgb(pa)[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+
+
+def test_6_modes_RGBA_and_LA_on_white():
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(0, 0, 0, 0), (200, 100, 0, 255), (0, 0, 0, 128)])
+    got = _gray_rgb(rgba)[0].tolist()
+    assert got[0] == [255, 255, 255] and got[1] == [200, 100, 0] and all(126 <= v <= 128 for v in got[2])
+    la = Image.new("LA", (2, 1))
+    la.putdata([(0, 0), (40, 255)])
+    assert _gray_rgb(la)[0].tolist() == [[255, 255, 255], [40, 40, 40]]
+
+
+def test_6_modes_CMYK_YCbCr_1_L():
+    from PIL import Image
+
+    assert _gray_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
+    assert _gray_rgb(Image.new("CMYK", (1, 1), (0, 255, 255, 0)))[0, 0].tolist() == [255, 0, 0]
+    src = Image.new("RGB", (1, 1), (200, 60, 30))
+    assert np.abs(_gray_rgb(src.convert("YCbCr"))[0, 0].astype(int) - [200, 60, 30]).max() <= 3
+    bw = Image.new("1", (2, 1))
+    bw.putpixel((1, 0), 1)
+    assert _gray_rgb(bw)[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+    assert _gray_rgb(Image.new("L", (1, 1), 77))[0, 0].tolist() == [77, 77, 77]
+
+
+# --------------------------------------------------------------------------- 7. class folders vs checkpoint
+
+
+def test_7_class_folders_must_match_the_checkpoint(tmp_path, demo_small, capsys):
+    import torch
+
+    from fixres_deploy.models.registry import build_model, save_checkpoint
+
+    classes = sorted(os.listdir(f"{demo_small}/val"))
+    nine = tmp_path / "nine"
+    for c in classes[1:]:  # the first class is missing: every label would shift by one
+        shutil.copytree(f"{demo_small}/val/{c}", nine / c)
+    model, _, _ = build_model("fixres:tiny_resnet", 10)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    args = ["evaluate", "--model", "fixres:tiny_resnet", "--checkpoint", str(plain), "--resolution", "32"]
+    rc = main([*args, "--data", str(nine)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "9 class folders" in err and "10 outputs" in err and classes[1] in err
+    assert "records its class names" in err
+    # the full folder is fine
+    assert main([*args, "--data", f"{demo_small}/val", "--workers", "0", "--json"]) == 0
+    capsys.readouterr()
+    # a checkpoint with names: a subset is mapped by name; an unknown folder names both lists
+    named = save_checkpoint(
+        tmp_path / "named.pt", model, spec="fixres:tiny_resnet", num_classes=10, class_names=classes
+    )
+    args = ["evaluate", "--checkpoint", str(named), "--resolution", "32", "--workers", "0", "--json"]
+    assert main([*args, "--data", str(nine)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 9 * len(os.listdir(nine / classes[1]))
+    (nine / "zebra").mkdir()
+    shutil.copy(next((nine / classes[1]).iterdir()), nine / "zebra")
+    assert main([*args, "--data", str(nine)]) == 2
+    err = capsys.readouterr().err
+    assert "['zebra']" in err and "model classes" in err and classes[0] in err

@@ -88,9 +88,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     is written; then ``OUT/config.effective.toml`` records the config this run used.
     """
     from fixres_deploy.choose.report import write_report
-    from fixres_deploy.sweep.sweep import run_sweep
-
     from fixres_deploy.core.paths import check_out
+    from fixres_deploy.sweep.sweep import run_sweep
 
     t0 = time.perf_counter()
     pc.validate()
