@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -669,3 +670,108 @@ def test_7_class_folders_must_match_the_checkpoint(tmp_path, demo_small, capsys)
     assert main([*args, "--data", str(nine)]) == 2
     err = capsys.readouterr().err
     assert "['zebra']" in err and "model classes" in err and classes[0] in err
+
+
+# --------------------------------------------------------------------------- 9. archive bombs
+
+
+def _tar_with(path, members: list[tuple[str, int]], *, declared_only: bool = False):
+    """A .tar.gz with files of the given sizes (``declared_only``: the last member is a header without data)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tf:
+        for name, size in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            info.mode = 0o644
+            last = name == members[-1][0]
+            tf.addfile(info, None if declared_only and last else io.BytesIO(b"\0" * size))
+    return str(path)
+
+
+def test_9_archive_bombs_are_refused_from_their_headers(tmp_path, capsys, monkeypatch):
+    from fixres_deploy.ship.archive import extract_bundle
+    from fixres_deploy.ship.manifest import BundleError
+
+    monkeypatch.delenv("FIXRES_BUNDLE_MAX_FILES", raising=False)
+    monkeypatch.delenv("FIXRES_BUNDLE_MAX_BYTES", raising=False)
+    # a header declaring 20 GiB (the data is not even there): refused before anything is written
+    bomb = _tar_with(
+        tmp_path / "bomb.tar.gz", [("b/manifest.json", 10), ("b/huge.bin", 20 * 2**30)], declared_only=True
+    )
+    dest = tmp_path / "dest"
+    with pytest.raises(BundleError, match="refused; nothing was extracted.*over the budget"):
+        extract_bundle(bomb, dest)
+    assert list(dest.iterdir()) == []
+    rc = main(["bundle", "--verify", bomb])
+    out = capsys.readouterr().out
+    assert rc == 3 and "FIXRES_BUNDLE_MAX_BYTES" in out
+    # budgets from the environment: total bytes and number of files
+    small = _tar_with(tmp_path / "small.tar.gz", [(f"b/f{i}.bin", 500) for i in range(10)])
+    monkeypatch.setenv("FIXRES_BUNDLE_MAX_BYTES", "2000")
+    with pytest.raises(BundleError, match="over the budget of 2,000"):
+        extract_bundle(small, tmp_path / "d2")
+    assert list((tmp_path / "d2").iterdir()) == []
+    monkeypatch.delenv("FIXRES_BUNDLE_MAX_BYTES")
+    monkeypatch.setenv("FIXRES_BUNDLE_MAX_FILES", "5")
+    with pytest.raises(BundleError, match="more than 5 files"):
+        extract_bundle(small, tmp_path / "d3")
+    assert list((tmp_path / "d3").iterdir()) == []
+    monkeypatch.setenv("FIXRES_BUNDLE_MAX_FILES", "50")
+    with pytest.raises(BundleError, match="holds no manifest.json"):  # within budget: extracted, then checked
+        extract_bundle(small, tmp_path / "d4")
+
+
+# --------------------------------------------------------------------------- 11. permissions
+
+
+def test_11_shipped_files_are_readable_by_other_users(tmp_path):
+    from test_bundle import export_onnx, ort_artifact
+
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.ship.archive import bundle_tar_path
+    from fixres_deploy.ship.bundle import make_bundle
+    from fixres_deploy.ship.triton import export_triton_repository
+
+    onnx = export_onnx(tmp_path / "m.onnx")
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "bundle"
+        make_bundle(
+            out,
+            engines=[ort_artifact(onnx)],
+            onnx_sources=[],
+            preprocess=PreprocessConfig(test_input_size=64),
+            class_names=[f"c{i}" for i in range(10)],
+            model={},
+            metrics={},
+            tar=True,
+        )
+        triton = export_triton_repository(out, tmp_path / "triton")
+        modes = {}
+        for root in (out, triton):
+            modes[root] = stat.S_IMODE(os.stat(root).st_mode)
+            for dirpath, dirnames, filenames in os.walk(root):
+                for name in dirnames + filenames:
+                    full = os.path.join(dirpath, name)
+                    modes[full] = stat.S_IMODE(os.stat(full).st_mode)
+        modes[bundle_tar_path(out)] = stat.S_IMODE(os.stat(bundle_tar_path(out)).st_mode)
+        wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(p) else 0o644)}
+        assert wrong == {}
+        assert any(str(p).endswith("manifest.json") for p in modes)
+        # a stricter umask is honoured ("unless told otherwise")
+        os.umask(0o077)
+        make_bundle(
+            tmp_path / "private",
+            engines=[ort_artifact(onnx)],
+            onnx_sources=[],
+            preprocess=PreprocessConfig(test_input_size=64),
+            class_names=[f"c{i}" for i in range(10)],
+            model={},
+            metrics={},
+        )
+        assert stat.S_IMODE(os.stat(tmp_path / "private").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(tmp_path / "private" / "manifest.json").st_mode) == 0o600
+    finally:
+        os.umask(old)

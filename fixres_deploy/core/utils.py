@@ -28,11 +28,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a file made by open() would not be
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give a folder made with ``mkdtemp``/``mkstemp`` (0700/0600) the modes ``mkdir``/``open`` would.
+
+    Folders become ``0777 & ~umask`` and files ``0666 & ~umask`` — 0755/0644 with the usual
+    umask 022 — so a serving container running as another user can read what was shipped;
+    a stricter umask (e.g. 077) keeps it private.
+    """
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

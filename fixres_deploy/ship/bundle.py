@@ -22,7 +22,7 @@ from fixres_deploy.backends.base import EngineArtifact
 from fixres_deploy.core import env
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig
-from fixres_deploy.core.utils import sha256_file, write_json
+from fixres_deploy.core.utils import sha256_file, share_tree, write_json
 from fixres_deploy.ship.archive import bundle_tar_path, write_bundle_tar
 from fixres_deploy.ship.compat import tensorrt_requirements
 from fixres_deploy.ship.manifest import (
@@ -124,6 +124,7 @@ def make_bundle(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
     try:
         manifest = _write_bundle_tree(tmp, engines, onnx_sources, preprocess, class_names, model, metrics, selection)
+        share_tree(tmp)  # readable by the serving user (0755/0644 with umask 022), not mkdtemp's 0700
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

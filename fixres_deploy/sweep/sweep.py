@@ -159,6 +159,11 @@ class _Sweep:
 
         self.t_start = time.perf_counter()
         cfg.validate()
+        for backend in cfg.backends:  # a missing library fails now, not after fine-tuning and export
+            from fixres_deploy.engines.build import _unavailable
+
+            if (missing := _unavailable(backend)) is not None:
+                raise missing
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
