@@ -158,8 +158,8 @@ def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
 def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     from fixres_deploy.choose.report import write_report
     from fixres_deploy.cli.app import main
-    from fixres_deploy.ship.verify import verify_bundle
     from fixres_deploy.ship.bundle_select import bundle_selected
+    from fixres_deploy.ship.verify import verify_bundle
 
     out = tmp_path / "sw"
     sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)
