@@ -104,7 +104,7 @@ def test_store_with_relative_root_rebases_absolute_paths(tmp_path, monkeypatch):
     rec, _ = store.run("variant", {"a": 1}, make)
     assert os.path.isabs(rec["result"]["path"]) and open(rec["result"]["path"]).read() == "v"
     assert f"{os.sep}.{rec['key'][:12]}." not in rec["result"]["path"]  # not the temp folder
-    assert rec["files"] == [rec["result"]["path"]]
+    assert list(rec["files"]) == ["v.onnx"]  # recorded relative to the artifact folder, with size and sha256
 
 
 def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, monkeypatch):
