@@ -78,7 +78,7 @@ def resolve_providers(ort, providers: list[str] | None, provider_options: list[d
             raise MissingDependencyError(
                 f"ONNX Runtime execution provider(s) {missing} are not available in this onnxruntime "
                 f"{ort.__version__} build (available: {available}). They need onnxruntime-gpu and a "
-                "CUDA GPU: pip install 'fixres-deploy[gpu]' (onnxruntime and onnxruntime-gpu conflict: "
+                "CUDA GPU: pip install 'fixres-deploy[ort-gpu]' (onnxruntime and onnxruntime-gpu conflict: "
                 "uninstall onnxruntime first)"
             )
         raise UserInputError(f"unknown ONNX Runtime execution provider(s) {missing}; available: {available}")
