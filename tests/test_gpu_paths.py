@@ -418,3 +418,20 @@ def test_io_binding_buffers_are_allocated_once_per_shape(tmp_path):
         bound.predict(xs[0])
         assert state["input"] is first_in and state["output"] is first_out
         assert not np.allclose(outs[0], outs[3])  # a new input in the same buffers gives new logits
+
+
+def test_torch_fp32_forbids_tf32_and_labels_it_when_allowed():
+    torch = pytest.importorskip("torch")
+    from fixres_deploy.backends.torch_backend import TorchRunner, set_tf32
+
+    before = set_tf32(torch, True)
+    try:
+        assert set_tf32(torch, False) == (True, True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    model = torch.nn.Conv2d(3, 4, 3)
+    assert TorchRunner(model, device="cuda").precision_label == "fp32"
+    assert TorchRunner(model, device="cuda", tf32=True).precision_label == "tf32"
+    assert TorchRunner(model, device="cuda", tf32=True, half=True).precision_label == "fp16"
+    assert TorchRunner(model, device="cpu", tf32=True).precision_label == "fp32"  # no TF32 on a CPU

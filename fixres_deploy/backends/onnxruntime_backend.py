@@ -12,6 +12,7 @@ onnxruntime is imported lazily through ``fixres_deploy.core.errors.require``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from fixres_deploy.backends.base import (
 )
 from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError, require
 from fixres_deploy.core.utils import atomic_path, sha256_file
+from fixres_deploy.precision.qdq_fp16 import ort_graph_optimization_for
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,10 @@ def build_impl(
     io = check_onnx_accepts(onnx_path, shapes)
     providers, provider_options = resolve_providers(ort, options.providers, options.provider_options)
     graph_optimization_level(ort, options.graph_optimization)  # validate before any work
+    if providers == [CPU_PROVIDER] and ort_graph_optimization_for(onnx_path, options.graph_optimization) != (
+        options.graph_optimization
+    ):  # ORT CPU mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+        options = dataclasses.replace(options, graph_optimization="disable")
     name = name or f"{BACKEND}_{precision}_{shapes.mode}"
     os.makedirs(out_dir, exist_ok=True)
     engine_path = os.path.join(out_dir, f"{name}.onnx")
@@ -355,6 +361,8 @@ class OnnxRuntimeRunner(Runner):
         provider_options = default_provider_options(
             providers, provider_options, device_id=self.device_id, shapes=self.shapes, input_name=self.input_name
         )
+        if providers == [CPU_PROVIDER]:  # ORT CPU mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+            self.graph_optimization = ort_graph_optimization_for(self.onnx_path, self.graph_optimization)
         so = session_options(ort, threads=self.threads, graph_optimization=self.graph_optimization)
         self.session = ort.InferenceSession(
             self.onnx_path, sess_options=so, providers=providers, provider_options=provider_options
