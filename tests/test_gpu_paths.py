@@ -435,3 +435,23 @@ def test_torch_fp32_forbids_tf32_and_labels_it_when_allowed():
     assert TorchRunner(model, device="cuda", tf32=True).precision_label == "tf32"
     assert TorchRunner(model, device="cuda", tf32=True, half=True).precision_label == "fp16"
     assert TorchRunner(model, device="cpu", tf32=True).precision_label == "fp32"  # no TF32 on a CPU
+
+
+def test_gpu_check_dry_run_prints_the_plan():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gpu_check.py")
+    out = subprocess.run(
+        [sys.executable, script, "--dry-run", "--resolutions", "160,224", "--batches", "1,8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert "cuda-helpers" in plan["sections"] and "torch-cuda" in plan["sections"]
+    assert len(plan["torch_cuda_cases"]) == 2 * 2 * 4 * 2  # res x batch x {fp32, tf32, fp16, bf16} x {eager, graph}
+    assert "224px b8 bf16 graph" in plan["torch_cuda_cases"]
