@@ -252,6 +252,12 @@ class SweepConfig(_Checked):
         "(TensorRT int8 accuracy predicted before any GPU build)",
         flag="--no-tensorrt-int8-prediction",
     )
+    max_pixels: int | None = option(
+        None,
+        "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
+        example="max_pixels = 50000000",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
