@@ -17,6 +17,7 @@ from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.core.stats import mcnemar_test, paired_diff_interval
 from fixres_deploy.sweep.config import SelectionConfig
 from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.shard import check_one_machine
 
 
 class NoFeasiblePointError(FixResError):
@@ -168,6 +169,7 @@ def select_point(points: Sequence[SweepPoint], cfg: SelectionConfig | None = Non
     """
     cfg = cfg or SelectionConfig()
     cand = eligible(points, cfg)
+    check_one_machine([points[i] for i in cand], cfg.allow_mixed_machines)  # sharded sweeps: one kind of machine
     front = pareto_front(points, cfg, cand)
     best_acc = max(cand, key=lambda i: (points[i].top1, -cost(points[i], cfg)))
 

@@ -36,6 +36,7 @@ class SweepPoint:
         quant: int8 details (Q/DQ flavor, float layers, calibration) where relevant.
         engine: the engine's ``EngineArtifact.to_dict()`` (what a bundle ships).
         key: content address in the result store.
+        machine: the machine key (``core.env.machine_id``) the latency was timed on.
         error: set when building or measuring failed (other figures are then None).
     """
 
@@ -68,6 +69,7 @@ class SweepPoint:
     quant: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     key: str | None = None
+    machine: dict | None = None
     error: str | None = None
 
     @property

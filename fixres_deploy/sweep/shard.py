@@ -160,6 +160,38 @@ def shard_machines(store_root: str | os.PathLike, config: dict) -> list[dict]:
     return out
 
 
+def reuse_from_shards(store, stage: str, inputs: dict, machines: Sequence[dict]) -> dict | None:
+    """The successful record of ``stage`` with ``inputs`` but timed on one of the shards' machines.
+
+    None when this machine's own record exists (the caller's ``store.run`` returns it) or no
+    shard machine has one. Counts as a store hit.
+    """
+    if not machines or store.get(store.key(stage, inputs)) is not None:
+        return None
+    for machine in machines:
+        if machine == inputs.get("machine"):
+            continue
+        rec = store.get(store.key(stage, dict(inputs, machine=machine)))
+        if rec is not None and rec.get("error") is None and store._files_present(rec):
+            store.hits += 1
+            return rec
+    return None
+
+
+def shard_summary(cfg, out: str, computed: int, reused: int, seconds: float) -> dict:
+    """What ``sweep``/``run`` print for a shard (no sweep.json, no selection)."""
+    k, n = resolve_shard(cfg.shard) or (0, 1)
+    return {
+        "out": out,
+        "shard": [k, n],
+        "store_misses": computed,
+        "store_hits": reused,
+        "seconds": seconds,
+        "reason": f"shard {k}/{n}: {computed} stages computed, {reused} reused; when every shard has finished, "
+        "run the same command without --shard to assemble the sweep (0 stages recomputed)",
+    }
+
+
 def machine_label(machine: dict | None) -> str:
     if not machine:
         return "unknown machine"

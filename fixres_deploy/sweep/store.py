@@ -9,6 +9,7 @@ Writes are atomic: a crash leaves either the old record or none, never half of o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -113,9 +114,9 @@ class ResultStore:
             log.debug("stage %s failed:\n%s", stage, traceback.format_exc())
         seconds = time.perf_counter() - t0
         # move produced files into place, rewriting their paths
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
+        other = self._publish(key, tmp_dir, final_dir)
+        if other is not None:  # a concurrent writer (a sweep shard) stored the same stage first
+            return other, False
         result = _rebase_paths(result, str(tmp_dir), str(final_dir))
         record = {
             "key": key,
@@ -131,6 +132,34 @@ class ResultStore:
         }
         self.put(key, record)
         return record, False
+
+    def _publish(self, key: str, tmp_dir: Path, final_dir: Path) -> dict | None:
+        """Rename a stage's folder into place; returns the winner's record if another writer got there first.
+
+        Shards of a sweep may share a store (on a network filesystem) and race on one key:
+        the race is benign — the first complete record wins, the other copy is discarded.
+        Only renames are used (atomic on POSIX filesystems and on an NFS server).
+        """
+        other = self.get(key)
+        if other is not None and other.get("error") is None and self._files_present(other):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            return other
+        if final_dir.exists():  # a stale folder: its record is missing, failed or lost files
+            aside = final_dir.with_name(f".{key[:12]}.stale.{os.getpid()}.{time.monotonic_ns()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final_dir, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(tmp_dir, final_dir)
+        except OSError:  # another writer renamed its folder in between: wait for its record
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            for _ in range(300):
+                other = self.get(key)
+                if other is not None and self._files_present(other):
+                    return other
+                time.sleep(0.1)
+            raise
+        return None
 
 
 def _rebase_paths(obj: Any, old: str, new: str) -> Any:

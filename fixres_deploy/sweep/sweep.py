@@ -31,6 +31,7 @@ from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.config import SweepConfig
 from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.shard import my_cells, resolve_shard, reuse_from_shards, shard_machines, write_manifest
 from fixres_deploy.sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -205,12 +206,16 @@ class _Sweep:
             self.resolutions = sorted(set(self.prior.candidates) | {self.train_res})
         self.max_batch = max(cfg.batch_sizes)
         self.mods = resolve_fixres_modules(loaded.model)
-        peak_rec, _ = self.store.run(
-            "peak",
-            {"machine": self.machine, "versions": self.versions, "threads": cfg.threads},
-            lambda d: measure_peak_gflops(threads=cfg.threads),
-        )
-        self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
+        self.shard = resolve_shard(cfg.shard)  # (K, N) or None; see sweep/shard.py
+        self.shard_machines = [] if self.shard else shard_machines(self.store.root, cfg.to_dict())
+        peak_inputs = {"machine": self.machine, "versions": self.versions, "threads": cfg.threads}
+        self.peak = None
+        if not self.shard or self.shard[0] == 0:  # one shard measures the peak for the merge
+            peak_rec = (
+                reuse_from_shards(self.store, "peak", peak_inputs, self.shard_machines)
+                or self.store.run("peak", peak_inputs, lambda d: measure_peak_gflops(threads=cfg.threads))[0]
+            )
+            self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
         self.eval_cache = _EvalCache(self.eval_index, self.base_cfg)
         self.points: list[SweepPoint] = []
         self.failures: list[dict] = []
@@ -451,8 +456,10 @@ class _Sweep:
             "threads": self.cfg.threads,
             "versions": self.versions,
         }
-        rec = self._run("latency", inputs, do_lat, what)
-        return {**rec["result"], "key": rec["key"]}
+        rec = reuse_from_shards(self.store, "latency", inputs, self.shard_machines) or self._run(
+            "latency", inputs, do_lat, what
+        )
+        return {**rec["result"], "key": rec["key"], "machine": rec["inputs"]["machine"]}
 
     # -- grid -----------------------------------------------------------------------------
     def measure_mode(self, base: dict, var_path: str, var_sha: str, mode: str) -> None:
@@ -490,6 +497,7 @@ class _Sweep:
             try:
                 lat = self.latency(art, b, res, f"{what} b{b}")
                 point.key = lat["key"]
+                point.machine = lat["machine"]
                 _fill_latency(point, lat)
             except _Stage as exc:
                 point.error = str(exc)
@@ -499,8 +507,12 @@ class _Sweep:
         cfg = self.cfg
         per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
         bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
+        mine = my_cells([(res, ft) for res in self.resolutions for ft in cfg.finetune], self.shard)
         for res in self.resolutions:
             for ft in cfg.finetune:
+                if (res, ft) not in mine:  # another shard's cell
+                    bar.update(per_model)
+                    continue
                 bar.set_postfix_str(f"{'fine-tune + ' if ft else ''}export @{res}")
                 try:
                     ckpt_path, model_sha = self.model_at(res, ft)
@@ -551,6 +563,9 @@ class _Sweep:
             failures=self.failures,
             finetune_curve=_curve_from_points(self.points, self.train_res),
         )
+        if self.shard:  # the merge (an unsharded run) writes sweep.json
+            write_manifest(self.store.root, cfg.to_dict(), self.shard, self.machine, self.store.misses, self.store.hits)
+            return result
         result.save(self.out_dir / "sweep.json")
         return result
 
