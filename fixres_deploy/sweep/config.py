@@ -259,6 +259,12 @@ class SweepConfig(_Checked):
         example='shard = "0/4"',
         validator=_check_shard,
     )
+    max_pixels: int | None = option(
+        None,
+        "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
+        example="max_pixels = 50000000",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -172,7 +172,7 @@ def reuse_from_shards(store, stage: str, inputs: dict, machines: Sequence[dict])
         if machine == inputs.get("machine"):
             continue
         rec = store.get(store.key(stage, dict(inputs, machine=machine)))
-        if rec is not None and rec.get("error") is None and store._files_present(rec):
+        if rec is not None and not rec.get("error") and not store.verify(rec):
             store.hits += 1
             return rec
     return None

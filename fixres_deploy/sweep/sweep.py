@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fixres_deploy.core.env import PIPELINE_MODULES, library_versions, machine_id
+from fixres_deploy.core.limits import check_pixels
 from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.config import SweepConfig
@@ -159,10 +160,16 @@ class _Sweep:
 
         self.t_start = time.perf_counter()
         cfg.validate()
+        for backend in cfg.backends:  # a missing library fails now, not after fine-tuning and export
+            from fixres_deploy.engines.build import _unavailable
+
+            if (missing := _unavailable(backend)) is not None:
+                raise missing
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ResultStore(cfg.store or self.out_dir / "store")
+        # a shard leaves temp folders alone: other shards (maybe on other hosts) may be writing them
+        self.store = ResultStore(cfg.store or self.out_dir / "store", clean_orphans=resolve_shard(cfg.shard) is None)
         self.lat_cfg = cfg.latency_config()
         self.versions = library_versions(*PIPELINE_MODULES)
         self.machine = machine_id()
@@ -195,6 +202,8 @@ class _Sweep:
         self.prior = None
         if cfg.resolutions:
             self.resolutions = sorted(set(int(r) for r in cfg.resolutions))
+            if len(self.resolutions) < len(cfg.resolutions):
+                log.warning("duplicate resolutions in %s: each is measured once", list(cfg.resolutions))
         else:
             self.prior = resolution_prior(
                 self.train_res,
@@ -205,6 +214,9 @@ class _Sweep:
             )
             self.resolutions = sorted(set(self.prior.candidates) | {self.train_res})
         self.max_batch = max(cfg.batch_sizes)
+        check_pixels(
+            "sweep", self.resolutions, [self.max_batch], override=cfg.max_pixels, flags="resolutions/batch_sizes"
+        )
         self.mods = resolve_fixres_modules(loaded.model)
         self.shard = resolve_shard(cfg.shard)  # (K, N) or None; see sweep/shard.py
         self.shard_machines = [] if self.shard else shard_machines(self.store.root, cfg.to_dict())
