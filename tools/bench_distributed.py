@@ -65,9 +65,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _threads(world: int, args) -> int:
+    return args.threads_per_process or max(1, (os.cpu_count() or 1) // world)
+
+
 def launch(world: int, args, out: str) -> dict:
     port = _free_port()
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = _threads(world, args)
     procs = []
     for r in range(world):
         env = dict(os.environ, FIXRES_NO_PROGRESS="1", OMP_NUM_THREADS=str(threads))
@@ -102,6 +106,7 @@ def main() -> int:
     p.add_argument("--res", type=int, default=96)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads-per-process", type=int, help="torch threads of each process (default: cores / processes)")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the table here")
@@ -123,7 +128,7 @@ def main() -> int:
             table.append(
                 {
                     "processes": world,
-                    "threads_per_process": max(1, (os.cpu_count() or 1) // world),
+                    "threads_per_process": _threads(world, args),
                     "images": runs[0]["n"],
                     "images_per_s_per_process": statistics.median(per_proc),
                     "images_per_s_aggregate": statistics.median(agg),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -730,12 +731,12 @@ def _wrap_ddp(module, trainable):
     from torch.nn.parallel import DistributedDataParallel
 
     dev = dist.device()
+    # BN statistics are made exact by all-reduce, not copied from rank 0 at every forward
+    # (torch >= 2.14 names the option forward_sync_buffers; broadcast_buffers before)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     with dist.collective("DistributedDataParallel set-up"):
-        return DistributedDataParallel(
-            module,
-            device_ids=[dev] if dev != "cpu" else None,
-            broadcast_buffers=False,  # BN statistics are made exact by all-reduce, not copied from rank 0
-        )
+        return DistributedDataParallel(module, device_ids=[dev] if dev != "cpu" else None, **no_sync)
 
 
 @contextlib.contextmanager
