@@ -17,6 +17,7 @@ shape mode (at the largest batch of the grid); latency is measured per batch siz
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -57,6 +58,7 @@ class SweepResult:
     store_misses: int
     failures: list[dict] = field(default_factory=list)
     finetune_curve: list[dict] = field(default_factory=list)
+    tensorrt_int8_prediction: list[dict] = field(default_factory=list)  # sweep/trt_int8.py
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -369,6 +371,7 @@ class _Sweep:
             "recipe": recipe.to_dict(),
             "method": cfg.calibration_method if int8 else None,
             "float_layers": cfg.int8_float_layers if int8 else None,
+            "qdq_float_parts": "fp16" if recipe.flavor == "tensorrt" else None,  # precision/qdq_fp16.py
             "calibration": {
                 "train": self.train_hash,
                 "n": cfg.calibration_size,
@@ -507,7 +510,10 @@ class _Sweep:
             self.points.append(point)
 
     def run(self) -> SweepResult:
+        from fixres_deploy.sweep import trt_int8
+
         cfg = self.cfg
+        self.trt_int8_rows: list[dict] = []
         per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
         bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
         for res in self.resolutions:
@@ -519,6 +525,9 @@ class _Sweep:
                 except _Stage:
                     bar.update(per_model)
                     continue
+                if trt_int8.enabled(cfg):
+                    with contextlib.suppress(_Stage):  # a failure is recorded in failures
+                        self.trt_int8_rows.append(trt_int8.predict(self, res, ft, onnx_path, onnx_sha))
                 for precision in cfg.precisions:
                     for backend in cfg.backends:
                         base = dict(
@@ -561,6 +570,7 @@ class _Sweep:
             store_misses=self.store.misses,
             failures=self.failures,
             finetune_curve=_curve_from_points(self.points, self.train_res),
+            tensorrt_int8_prediction=trt_int8.with_fp32_reference(self.trt_int8_rows, self.points),
         )
         result.save(self.out_dir / "sweep.json")
         return result
@@ -572,6 +582,7 @@ def _fill_latency(point: SweepPoint, lat: dict) -> None:
     point.latency_p99_ms = lat["latency_p99_ms"]
     point.latency_mean_ms = lat["latency_mean_ms"]
     point.latency_std_ms = lat["latency_std_ms"]
+    point.latency_device_p50_ms = lat.get("latency_device_p50_ms")
     point.throughput_ips = lat["throughput_ips"]
     point.contended = bool(lat.get("contended"))
     point.latency_meta = {
