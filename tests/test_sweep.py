@@ -15,8 +15,8 @@ FAST_LATENCY = {
     "warmup_s": 0.0,
     "min_iters": 3,
     "max_iters": 20,
-    "budget_s": 0.05,
-    "repeats": 1,
+    "budget_s": 0.06,
+    "repeats": 3,
     "remeasure_if_contended": 0,
     "check_load": False,
 }
@@ -55,6 +55,7 @@ def _cfg(ckpt, demo, out, **kw):
         exporter="torchscript",
         latency=FAST_LATENCY,
         store=str(out / "store"),
+        diagnostic_images=0,
     )
     base.update(kw)
     return SweepConfig(**base)
@@ -94,28 +95,32 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
 
     out = tmp_path / "sw"
     cfg = _cfg(small_ckpt, demo_small, out)
-    # 1. interrupted run: the 3rd latency measurement raises KeyboardInterrupt
+    # 1. interrupted run: the latency stage (after every engine is built) raises KeyboardInterrupt
     import fixres_deploy.measure.bench as bench
 
-    calls = {"n": 0}
-    orig = bench.measure_latency
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    monkeypatch.setattr(bench, "measure_latency", flaky)
+    monkeypatch.setattr(bench, "measure_rounds", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, out)
     assert not (out / "sweep.json").exists()
-    monkeypatch.setattr(bench, "measure_latency", orig)
-    # 2. resume: the two latency results measured before the interruption are reused
+    monkeypatch.undo()
+    # 2. resume: fine-tunes, exports, variants, engines and accuracies are reused
     first = run_sweep(cfg, out)
     assert len(first.points) == 2 * 2 * 2  # res x finetune x precision (x 1 batch x 1 mode)
     assert all(p.ok for p in first.points), [p.error for p in first.points]
-    assert first.store_hits >= 2 + 2  # fine-tunes/exports/variants + latencies from the first try
+    assert first.store_hits >= 2 + 2 + 2 + 8 + 8
+    # FixRes and base weights of one graph share one latency measurement (same record, same rounds)
+    by = {(p.resolution, p.precision, p.finetuned): p for p in first.points}
+    for res in (64, 96):
+        for prec in ("fp32", "int8"):
+            a, b = by[(res, prec, False)], by[(res, prec, True)]
+            assert a.key == b.key and a.latency_p50_ms == b.latency_p50_ms
+            assert a.latency_rounds["index"] == b.latency_rounds["index"] and a.top1 is not None
+    assert len({p.key for p in first.points}) == 4
+    [group] = first.latency_groups
+    assert group["members"] == 4 and group["points"] == 8 and group["rounds"] == FAST_LATENCY["repeats"]
     # 3. repeat: nothing is measured twice
     second = run_sweep(cfg, out)
     assert second.store_misses == 0
@@ -128,7 +133,7 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
     after = {s: sum(1 for _ in store.records(s)) for s in before}
     assert after["finetune"] == before["finetune"] and after["export"] == before["export"]
     assert after["variant"] == before["variant"]
-    assert after["latency"] == before["latency"] + 8
+    assert after["latency"] == before["latency"] + 4  # 4 graph structures at the new batch size
     assert len(third.points) == 16
     # sweep.json round-trips
     again = SweepResult.load(out / "sweep.json")
@@ -196,3 +201,32 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     assert manifest["preprocess"]["test_input_size"] == p["resolution"]
     # select with a constraint nothing meets: a clear message, exit code 2
     assert main(["select", "--sweep", str(out / "sweep.json"), "--latency-budget-ms", "0.000001"]) == 2
+
+
+def test_latency_record_shared_by_two_checkpoints_of_one_architecture(tmp_path, small_ckpt, demo_small):
+    """Other weights, same graph: the second sweep finds the latency; accuracy is measured anew."""
+    import torch
+
+    torch.manual_seed(1)
+    other_model, _, _ = build_model("fixres:tiny_resnet", 10)
+    other = tmp_path / "other.pt"
+    save_checkpoint(
+        other,
+        other_model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=sorted(os.listdir(f"{demo_small}/train")),
+        preprocess={"test_input_size": 64, "train_input_size": 64},
+    )
+    store_dir = tmp_path / "store"
+    kw = dict(finetune=[False], resolutions=[64], store=str(store_dir))
+    first = run_sweep(_cfg(small_ckpt, demo_small, tmp_path / "a", **kw), tmp_path / "a")
+    store = ResultStore(store_dir)
+    counts = {s: sum(1 for _ in store.records(s)) for s in ("latency", "latency_group", "accuracy")}
+    assert counts == {"latency": 2, "latency_group": 1, "accuracy": 2}  # fp32 and int8
+    second = run_sweep(_cfg(str(other), demo_small, tmp_path / "b", **kw), tmp_path / "b")
+    after = {s: sum(1 for _ in store.records(s)) for s in counts}
+    assert after == {"latency": 2, "latency_group": 1, "accuracy": 4}
+    assert [p.key for p in second.points] == [p.key for p in first.points]
+    assert [p.latency_p50_ms for p in second.points] == [p.latency_p50_ms for p in first.points]
+    assert [p.correct1_bits for p in second.points] != [p.correct1_bits for p in first.points]

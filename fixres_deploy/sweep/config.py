@@ -246,6 +246,9 @@ class SweepConfig(_Checked):
         None, "result store folder (default: OUT/store)", example='store = "runs/store"', path=True
     )
     retry_failed: bool = option(False, "re-run stages recorded as failed")
+    diagnostic_images: int = option(
+        200, "held-out images for the FixRes diagnostic (pooled features per resolution); 0: skip it", minimum=0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
