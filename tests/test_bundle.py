@@ -160,6 +160,29 @@ def test_verify_ok_and_cli(good_bundle, capsys):
     assert main(["bundle", "--verify", out + ".tar.gz"]) == 0
 
 
+@pytest.mark.parametrize("module", ["fixres_deploy", "fixres_deploy.cli"])
+def test_python_dash_m_runs_every_subcommand(good_bundle, module):
+    """`python -m fixres_deploy bundle --verify DIR` once failed with KeyError: 'bundle' (a second module copy)."""
+    import subprocess
+
+    out, _ = good_bundle
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not another install
+    env_ = dict(os.environ, PYTHONPATH=repo)
+    ok = subprocess.run(
+        [sys.executable, "-m", module, "bundle", "--verify", out], capture_output=True, text=True, env=env_
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stderr
+    os.unlink(os.path.join(out, "manifest.json"))
+    bad = subprocess.run(
+        [sys.executable, "-m", module, "bundle", "--verify", out], capture_output=True, text=True, env=env_
+    )
+    assert bad.returncode != 0 and "manifest.json" in (bad.stdout + bad.stderr) and "Traceback" not in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env_)
+    from fixres_deploy.cli.app import COMMANDS
+
+    assert helped.returncode == 0 and all(name in helped.stdout for name in COMMANDS)
+
+
 def _copy(out, tmp_path, name):
     dst = tmp_path / name
     shutil.copytree(out, dst)

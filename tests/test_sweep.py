@@ -91,6 +91,23 @@ def test_store_records_and_failures(tmp_path):
     assert not cached4
 
 
+def test_store_with_relative_root_rebases_absolute_paths(tmp_path, monkeypatch):
+    """A store opened by a relative path (`--out runs/demo`) still moves absolute result paths into place."""
+    monkeypatch.chdir(tmp_path)
+    store = ResultStore("runs/x/store")
+
+    def make(d):
+        f = os.path.abspath(d / "v.onnx")  # stages return absolute paths (make_variant does)
+        with open(f, "w") as fh:
+            fh.write("v")
+        return {"path": f, "files": [f]}
+
+    rec, _ = store.run("variant", {"a": 1}, make)
+    assert os.path.isabs(rec["result"]["path"]) and open(rec["result"]["path"]).read() == "v"
+    assert f"{os.sep}.{rec['key'][:12]}." not in rec["result"]["path"]  # not the temp folder
+    assert rec["files"] == [rec["result"]["path"]]
+
+
 def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, monkeypatch):
 
     out = tmp_path / "sw"
@@ -163,8 +180,8 @@ def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
 def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     from fixres_deploy.choose.report import write_report
     from fixres_deploy.cli.app import main
-    from fixres_deploy.ship.verify import verify_bundle
     from fixres_deploy.ship.bundle_select import bundle_selected
+    from fixres_deploy.ship.verify import verify_bundle
 
     out = tmp_path / "sw"
     sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)

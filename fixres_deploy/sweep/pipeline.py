@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.schema import stamp
 from fixres_deploy.core.utils import read_json, stable_hash, write_json
 from fixres_deploy.sweep.config import PipelineConfig, SelectionConfig, SweepConfig, write_effective_config
 
@@ -119,8 +120,19 @@ def run_pipeline(pc: PipelineConfig) -> dict:
             overwrite=True,
         )  # the pipeline's own output: replaced on re-runs
     summary["seconds"] = time.perf_counter() - t0
-    write_json(os.path.join(pc.out, "run.json"), summary)
+    write_run_summary(pc.out, summary)
     return summary
+
+
+RUN_FORMAT = "fixres-deploy/run"
+RUN_SCHEMA_VERSION = 1
+
+
+def write_run_summary(out: str, summary: dict) -> str:
+    """OUT/run.json: what one `run`/`demo` did, for people and scripts (nothing in the package reads it back)."""
+    path = os.path.join(out, "run.json")
+    write_json(path, stamp(summary, RUN_FORMAT, RUN_SCHEMA_VERSION))
+    return path
 
 
 def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> PipelineConfig:
@@ -161,5 +173,5 @@ def run_demo(out: str | os.PathLike, *, size: str = "full") -> dict:
     summary = run_pipeline(demo_pipeline_config(out, prep, size=size))
     summary["train_seconds"] = prep["train_seconds"]
     summary["seconds"] = time.perf_counter() - t0
-    write_json(os.path.join(out, "run.json"), summary)
+    write_run_summary(out, summary)
     return summary

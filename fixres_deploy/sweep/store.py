@@ -31,7 +31,8 @@ class ResultStore:
     """Records under ``root/objects/<k[:2]>/<key>.json``; stage files under ``root/artifacts/<key>/``."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        # absolute: stages return absolute paths, which are rebased from the temp folder by prefix
+        self.root = Path(os.path.abspath(root))
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
         self.hits = 0
