@@ -184,11 +184,24 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     from fixres_deploy.ship.verify import verify_bundle
 
     out = tmp_path / "sw"
-    sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)
+    sweep = run_sweep(_cfg(small_ckpt, demo_small, out, diagnostic_images=20), out)
     rep = write_report(sweep, out)
     data = json.loads((out / "report.json").read_text())
     for key in ("points", "pareto", "selected", "reason", "iso_latency_gain", "iso_accuracy_speedup"):
         assert key in data
+    # ratios per round with intervals; the re-run count; the FixRes diagnostic per resolution
+    lr = data["latency_ratios"]
+    assert lr["stat"] == "p50" and len(lr["front_neighbours"]) == len(data["pareto"]) - 1
+    vs = lr["selected_vs_naive"]
+    if vs["naive"] != vs["selected"]:
+        assert vs["speedup"]["rounds"] == FAST_LATENCY["repeats"] and vs["speedup"]["ci"][0] <= vs["speedup"]["ci"][1]
+    assert data["rerun_rounds"] == 0 and data["latency_groups"][0]["rounds"] == FAST_LATENCY["repeats"]
+    diag = data["diagnostics"]
+    assert [r["resolution"] for r in diag["resolutions"]] == [64, 96] and diag["images"] == 20
+    for row in diag["resolutions"]:
+        assert 0.0 <= row["base"]["zero_fraction"] <= 1.0 and row["finetuned"] and row["bn_shift"]
+    md = (out / "report.md").read_text()
+    assert "Why FixRes works" in md and "pooled_features.png" in md and "Latency ratios" in md
     p = data["points"][data["selected"]]
     for key in (
         "resolution",
@@ -206,7 +219,9 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
         assert key in p
     assert all(0 <= i < len(data["points"]) for i in data["pareto"])
     assert (out / "report.md").exists() and all(os.path.exists(v) for v in rep["plots"].values())
-    assert len(rep["plots"]) == 3
+    assert sorted(rep["plots"]) == sorted(
+        ["accuracy_vs_resolution", "latency_vs_resolution", "accuracy_latency", "pooled_features"]
+    )
     # regenerable from sweep.json without measuring
     assert main(["report", "--sweep", str(out / "sweep.json"), "--out", str(tmp_path / "r2"), "--json"]) == 0
     again = json.loads((tmp_path / "r2" / "report.json").read_text())
