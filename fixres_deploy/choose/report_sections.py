@@ -131,6 +131,11 @@ def write_diagnostic_plot(plt, diag: dict):
         ax.set_xlabel("pooled feature value")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    # the top 1% is a long tail: show up to the largest 99th percentile
+    q99 = [row[k]["quantiles"][-2] for row in rows for k in ("base", "finetuned") if row.get(k)]
+    q0 = [row[k]["quantiles"][0] for row in rows for k in ("base", "finetuned") if row.get(k)]
+    if q99:
+        axes[0].set_xlim(min(0.0, min(q0)), max(q99))
     axes[0].set_ylabel("cumulative fraction")
     fig.suptitle("Pooled features per test resolution (CDF)")
     return fig
