@@ -89,10 +89,12 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     is written; then ``OUT/config.effective.toml`` records the config this run used.
     """
     from fixres_deploy.choose.report import write_report
+    from fixres_deploy.core.paths import check_out
     from fixres_deploy.sweep.sweep import run_sweep
 
     t0 = time.perf_counter()
     pc.validate()
+    check_out(pc.out, "dir", flag="--out ([output] dir)")
     summary_config = write_effective_config(pc, pc.out)
     sweep = run_sweep(pc.sweep, pc.out)
     rep = write_report(sweep, pc.out, pc.select)
