@@ -258,6 +258,9 @@ class SweepConfig(_Checked):
         example="max_pixels = 50000000",
         minimum=1,
     )
+    diagnostic_images: int = option(
+        200, "held-out images for the FixRes diagnostic (pooled features per resolution); 0: skip it", minimum=0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
