@@ -312,7 +312,9 @@ def export_multires(
     model = build_head_bank_model(fset)
     base = fset.base
     if not base.preprocess:
-        raise UserInputError(f"checkpoint '{fset.checkpoints[0]}' records no preprocessing: fine-tune it with fixres-deploy")
+        raise UserInputError(
+            f"checkpoint '{fset.checkpoints[0]}' records no preprocessing: fine-tune it with fixres-deploy"
+        )
     cfg = PreprocessConfig.from_dict(base.preprocess).at_resolution(fset.resolutions[-1])
     result = export_onnx(
         model,
@@ -410,7 +412,9 @@ def measure_latency_table(
     }
 
 
-def measure_accuracy(batch_runner, val_data, resolutions: Sequence[int], class_names, *, limit: int | None = 400) -> list[dict]:
+def measure_accuracy(
+    batch_runner, val_data, resolutions: Sequence[int], class_names, *, limit: int | None = 400
+) -> list[dict]:
     """Top-1 of the engine at each resolution on a labelled image folder (torch-free path)."""
     from fixres_deploy.data.folders import class_balanced_subset, index_image_folder, load_rgb
 
@@ -429,9 +433,7 @@ def measure_accuracy(batch_runner, val_data, resolutions: Sequence[int], class_n
     out = []
     labels_arr = np.asarray(labels)
     for r in resolutions:
-        probs = np.concatenate(
-            [batch_runner.probabilities(images[i : i + 32], r) for i in range(0, len(images), 32)]
-        )
+        probs = np.concatenate([batch_runner.probabilities(images[i : i + 32], r) for i in range(0, len(images), 32)])
         top1 = float((probs.argmax(1) == labels_arr).mean())
         out.append({"resolution": int(r), "top1": round(top1, 6), "n": len(images), "source": f"engine on {val_data}"})
     return out
@@ -500,7 +502,9 @@ def build_multires_bundle(
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserInputError(f"--batch-sizes must be >= 1 and <= --max-batch {max_batch}")
     if precision == "int8" and calibration_data is None:
-        raise UserInputError("int8 needs --calibration-data (images like the deployment's, preprocessed at every resolution)")
+        raise UserInputError(
+            "int8 needs --calibration-data (images like the deployment's, preprocessed at every resolution)"
+        )
     if val_data is not None and not os.path.isdir(os.fspath(val_data)):
         raise UserInputError(f"--val-data '{val_data}' is not a folder (expected ROOT/<class>/<image>)")
     work = os.path.abspath(os.fspath(work_dir or out_dir + ".work"))
@@ -519,7 +523,11 @@ def build_multires_bundle(
         mix = [calibration_batches(calibration_data, cfg.at_resolution(r), limit=per) for r in res]
         flavor = default_int8_flavor(backend, device=engine_device(backend, options))
         variant = make_precision_variant(
-            onnx_path, "int8", os.path.join(work, f"multires.int8.{flavor}.mix.onnx"), calibration_batches=mix, flavor=flavor
+            onnx_path,
+            "int8",
+            os.path.join(work, f"multires.int8.{flavor}.mix.onnx"),
+            calibration_batches=mix,
+            flavor=flavor,
         )
         art = build_verified_engine(backend, variant.path, "int8", shapes, options, out_dir=work)
         quant = variant.to_dict()
@@ -564,7 +572,8 @@ def build_multires_bundle(
         accuracy=accuracy,
         latency=table,
         checkpoints=[
-            {"resolution": r, "file": os.path.basename(p), "sha256": sha256_file(p)} for r, p in zip(res, fset.checkpoints)
+            {"resolution": r, "file": os.path.basename(p), "sha256": sha256_file(p)}
+            for r, p in zip(res, fset.checkpoints)
         ],
     )
     bundled = bundle_artifact(

@@ -189,7 +189,9 @@ def _bytes_elements(inp: dict, binary: bytes | None) -> list[bytes]:
         try:
             out.append(base64.b64decode(el, validate=True))
         except (binascii.Error, ValueError):
-            raise RequestError(400, f"input '{inp['name']}' element {i} is not base64 (encode the image file)") from None
+            raise RequestError(
+                400, f"input '{inp['name']}' element {i} is not base64 (encode the image file)"
+            ) from None
     return out
 
 
@@ -299,7 +301,8 @@ def create_app(server: Server):
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith(IMAGE_CONTENT_TYPES):
             raise RequestError(
-                415, f"Content-Type {ctype or '(none)'!r}: send the image file's bytes as image/* or application/octet-stream"
+                415,
+                f"Content-Type {ctype or '(none)'!r}: send the image file's bytes as image/* or application/octet-stream",
             )
         body = await read_body(request, limit)
         if not body:
