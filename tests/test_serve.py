@@ -98,6 +98,26 @@ def test_policy_ranks_by_accuracy_and_keeps_a_fixed_resolution():
         Policy(_table(), slo_ms=0)
 
 
+def test_policy_plans_with_the_observed_slowdown():
+    from fixres_deploy.ship.serve.policy import Policy
+
+    clock = FakeClock()
+    p = Policy(_table(), slo_ms=40, max_batch=8, margin=1.0, adapt=0.5, clock=clock)
+    batch = [clock.t] * 8
+    assert p.choose(batch).resolution == 80  # 32 ms predicted
+    p.observe(80, 8, 64.0)  # the machine is twice as slow as when the table was measured
+    assert p.slowdown == pytest.approx(1.5)
+    d = p.choose(batch)
+    assert (d.resolution, d.predicted_ms) == (64, pytest.approx(24.0))
+    for _ in range(20):
+        p.observe(64, 8, 200.0)
+    assert p.slowdown == pytest.approx(12.5, rel=1e-3)
+    assert p.choose(batch).feasible is False
+    frozen = Policy(_table(), slo_ms=40, adapt=0.0, clock=clock)
+    frozen.observe(80, 8, 640.0)
+    assert frozen.slowdown == 1.0
+
+
 def test_batcher_refuses_what_even_the_fastest_resolution_cannot_serve_in_time():
     from fixres_deploy.ship.serve.batcher import Batcher, Overloaded
     from fixres_deploy.ship.serve.metrics import Metrics
@@ -300,8 +320,8 @@ def test_overload_gets_503_with_retry_after(model, val_images):
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
-    # one batch of 2 in flight + 4 queued are served; the rest are refused at once
-    assert codes.count(200) == 6 and codes.count(503) == 6
+    # the batch in flight (1 or 2 requests, as they arrived) + 4 queued are served; the rest are refused at once
+    assert codes.count(200) in (5, 6) and codes.count(503) == 12 - codes.count(200)
     refused = [r for r in responses if r.status_code == 503]
     assert all(int(r.headers["Retry-After"]) >= 1 and "overloaded" in r.json()["error"] for r in refused)
 

@@ -186,6 +186,8 @@ class Batcher:
                     item.future.set_exception(exc)
                 continue
             done = self.clock()
+            self.policy.observe(decision.resolution, len(batch), (done - start) * 1e3)
+            self.metrics.slowdown = self.policy.slowdown
             with self._cond:
                 self._busy_until = done
             self.metrics.observe_batch(decision.resolution, [done - i.arrival for i in batch])

@@ -7,7 +7,8 @@ Exposed at ``GET /metrics``:
 * ``fixres_batches_total{resolution="R"}``: batches run at each resolution;
 * ``fixres_queue_length``: requests waiting now;
 * ``fixres_slo_misses_total``: served requests slower than the objective;
-* ``fixres_rejected_total{reason}``: 503 (overload) and 4xx (bad request) answers.
+* ``fixres_rejected_total{reason}``: 503 (overload) and 4xx (bad request) answers;
+* ``fixres_latency_table_slowdown``: measured / predicted batch time the policy now plans with.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Metrics:
         self._slo_misses = 0
         self._rejected: dict[str, int] = defaultdict(int)
         self.queue_length = 0
+        self.slowdown = 1.0
 
     def observe_batch(self, resolution: int, latencies_s) -> None:
         with self._lock:
@@ -61,6 +63,7 @@ class Metrics:
                 "slo_misses": self._slo_misses,
                 "rejected": dict(self._rejected),
                 "queue_length": self.queue_length,
+                "slowdown": self.slowdown,
             }
 
     def render(self) -> str:
@@ -88,6 +91,9 @@ class Metrics:
             "# HELP fixres_queue_length Requests waiting for a batch.",
             "# TYPE fixres_queue_length gauge",
             f"fixres_queue_length {s['queue_length']}",
+            "# HELP fixres_latency_table_slowdown Measured / predicted batch time (the policy scales the table by it).",
+            "# TYPE fixres_latency_table_slowdown gauge",
+            f"fixres_latency_table_slowdown {s['slowdown']:.4f}",
             "# HELP fixres_slo_misses_total Served requests slower than the latency objective.",
             "# TYPE fixres_slo_misses_total counter",
             f"fixres_slo_misses_total {s['slo_misses']}",

@@ -13,6 +13,11 @@ queued behind it, resolution R is feasible when
 The policy serves the most accurate feasible resolution, and the fastest one when none is
 feasible (the batch is late anyway: finish it as soon as possible). The clock is injectable,
 so the choice is a pure function of the table, the queue and the time (tests use a fake clock).
+
+The table was measured when the bundle was built; the machine the server runs on may be busier
+(other processes, the HTTP work of the server itself). :meth:`Policy.observe` keeps an
+exponentially weighted ratio of measured to predicted batch times and scales every prediction
+by it, so the policy and the admission control plan with the machine as it is now.
 """
 
 from __future__ import annotations
@@ -107,6 +112,8 @@ class Policy:
         max_batch: the batcher's max batch (for the queue-drain estimate).
         margin: the SLO fraction the prediction may use (headroom for jitter and HTTP).
         clock: seconds, monotonic (injectable for tests).
+        adapt: weight of each new measured/predicted ratio in the slowdown estimate (0: trust
+            the table as measured at build time).
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class Policy:
         max_batch: int = 8,
         margin: float = 0.8,
         clock: Callable[[], float] = time.monotonic,
+        adapt: float = 0.2,
     ):
         if slo_ms <= 0:
             raise UserInputError(f"--slo-p99-ms must be > 0, got {slo_ms}")
@@ -134,6 +142,10 @@ class Policy:
         self.max_batch = int(max_batch)
         self.margin = float(margin)
         self.clock = clock
+        if not 0 <= adapt <= 1:
+            raise UserInputError(f"adapt must be in [0, 1], got {adapt}")
+        self.adapt = float(adapt)
+        self.slowdown = 1.0
         acc = dict(accuracy or {})
         # most accurate first; unknown accuracy ranks by resolution
         self.order = sorted(
@@ -143,6 +155,23 @@ class Policy:
         )
         self.fastest = min(table.resolutions, key=lambda r: table.predict_ms(r, self.max_batch))
 
+    MIN_SLOWDOWN, MAX_SLOWDOWN = 0.5, 20.0
+
+    def predict_ms(self, resolution: int, n: int) -> float:
+        """The table's time for ``n`` requests at ``resolution``, scaled by the observed slowdown."""
+        return self.table.predict_ms(resolution, n) * self.slowdown
+
+    def drain_ms(self, n: int, resolution: int) -> float:
+        return self.table.drain_ms(n, resolution, self.max_batch) * self.slowdown
+
+    def observe(self, resolution: int, n: int, measured_ms: float) -> None:
+        """Fold one batch's measured service time into the slowdown estimate."""
+        if self.adapt <= 0 or measured_ms <= 0:
+            return
+        ratio = measured_ms / self.table.predict_ms(resolution, n)
+        s = (1 - self.adapt) * self.slowdown + self.adapt * ratio
+        self.slowdown = min(self.MAX_SLOWDOWN, max(self.MIN_SLOWDOWN, s))
+
     def choose(self, batch_arrivals: Sequence[float], queued_arrivals: Sequence[float] = ()) -> Decision:
         """The resolution for a batch, given arrival times (``clock`` seconds) of its requests
         and of the requests still queued behind it."""
@@ -150,26 +179,26 @@ class Policy:
         n = max(1, len(batch_arrivals))
         if self.fixed_resolution is not None:
             r = self.fixed_resolution
-            pred = self.table.predict_ms(r, n)
+            pred = self.predict_ms(r, n)
             age = (now - min(batch_arrivals)) * 1e3 if batch_arrivals else 0.0
             return Decision(r, pred, age + pred <= self.slo_ms * self.margin)
         budget = self.slo_ms * self.margin
         age = (now - min(batch_arrivals)) * 1e3 if batch_arrivals else 0.0
         q = len(queued_arrivals)
         age_q = (now - min(queued_arrivals)) * 1e3 if q else 0.0
-        drain = self.table.drain_ms(q, self.fastest, self.max_batch)
+        drain = self.drain_ms(q, self.fastest)
         for r in self.order:
-            pred = self.table.predict_ms(r, n)
+            pred = self.predict_ms(r, n)
             if age + pred <= budget and (q == 0 or age_q + pred + drain <= budget):
                 return Decision(r, pred, True)
         r = self.fastest
-        return Decision(r, self.table.predict_ms(r, n), False)
+        return Decision(r, self.predict_ms(r, n), False)
 
     def admission_wait_ms(self, queued: int, busy_left_ms: float) -> float:
         """Predicted time until a new request would be answered: the batch in flight, the queue
         and the request itself, all at the serving resolution (fixed) or the fastest one."""
         r = self.fixed_resolution if self.fixed_resolution is not None else self.fastest
-        return max(0.0, busy_left_ms) + self.table.drain_ms(queued + 1, r, self.max_batch)
+        return max(0.0, busy_left_ms) + self.drain_ms(queued + 1, r)
 
     def retry_after_s(self, wait_ms: float) -> int:
         """Seconds a refused client should wait (Retry-After): the predicted backlog, >= 1."""
