@@ -114,7 +114,7 @@ def good_bundle(tmp_path, onnx_file, cfg):
 def test_manifest_content_and_round_trip(good_bundle, onnx_file, cfg):
     out, manifest = good_bundle
     d = json.load(open(os.path.join(out, "manifest.json")))
-    assert d["format"] == "fixres-deploy/bundle" and d["schema_version"] == 2
+    assert d["format"] == "fixres-deploy/bundle" and d["schema_version"] == 3 and d["multires"] is None
     assert d["preprocess"] == cfg.to_dict()  # the EXACT preprocessing, derived fields included
     assert d["resolution"] == RES and d["precision"] == "fp32" and d["backend"] == "onnxruntime"
     assert d["shape_mode"] == "dynamic" and d["profiles"][0]["max"] == [8, 3, RES, RES]
@@ -158,6 +158,29 @@ def test_verify_ok_and_cli(good_bundle, capsys):
     assert capsys.readouterr().out.startswith("OK")
     assert verify_bundle(out + ".tar.gz").ok
     assert main(["bundle", "--verify", out + ".tar.gz"]) == 0
+
+
+@pytest.mark.parametrize("module", ["fixres_deploy", "fixres_deploy.cli"])
+def test_python_dash_m_runs_every_subcommand(good_bundle, module):
+    """`python -m fixres_deploy bundle --verify DIR` once failed with KeyError: 'bundle' (a second module copy)."""
+    import subprocess
+
+    out, _ = good_bundle
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not another install
+    env_ = dict(os.environ, PYTHONPATH=repo)
+    ok = subprocess.run(
+        [sys.executable, "-m", module, "bundle", "--verify", out], capture_output=True, text=True, env=env_
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stderr
+    os.unlink(os.path.join(out, "manifest.json"))
+    bad = subprocess.run(
+        [sys.executable, "-m", module, "bundle", "--verify", out], capture_output=True, text=True, env=env_
+    )
+    assert bad.returncode != 0 and "manifest.json" in (bad.stdout + bad.stderr) and "Traceback" not in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env_)
+    from fixres_deploy.cli.app import COMMANDS
+
+    assert helped.returncode == 0 and all(name in helped.stdout for name in COMMANDS)
 
 
 def _copy(out, tmp_path, name):
@@ -211,7 +234,7 @@ def test_tampered_bundles_refused(good_bundle, tmp_path, capsys):
     d["schema_version"] = 99
     json.dump(d, open(mp, "w"))
     rep = verify_bundle(b6)
-    assert not rep.ok and "schema_version 99" in rep.problems[0] and "reads schema_version 2" in rep.problems[0]
+    assert not rep.ok and "schema_version 99" in rep.problems[0] and "reads schema_version 3" in rep.problems[0]
     with pytest.raises(BundleError, match="Rebundle"):
         load_manifest(b6)
 

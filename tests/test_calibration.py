@@ -15,6 +15,7 @@ from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform
 from fixres_deploy.core.utils import sha256_file
 from fixres_deploy.precision.calibration import (
     MANIFEST_FORMAT,
+    MANIFEST_VERSION,
     CalibrationManifest,
     calibration_batches,
     load_calibration_manifest,
@@ -46,7 +47,7 @@ def test_manifest_is_class_balanced_hashed_and_reproducible(demo_small, tmp_path
     assert m.set_hash == set_hash_of(m.images)
 
     on_disk = json.loads(out.read_text())
-    assert on_disk["format"] == MANIFEST_FORMAT and on_disk["version"] == 1
+    assert on_disk["format"] == MANIFEST_FORMAT and on_disk["schema_version"] == MANIFEST_VERSION == 2
     assert on_disk["seed"] == 3 and on_disk["size"] == 25 and on_disk["root"] == os.path.abspath(root)
     loaded = load_calibration_manifest(out)
     assert loaded == m and loaded.manifest_path == str(out)
@@ -125,8 +126,13 @@ def test_hand_edited_manifest_and_moved_root(demo_copy, tmp_path):
     with pytest.raises(UserInputError, match="set_hash"):
         load_calibration_manifest(tmp_path / "edited.json")
     (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(UserInputError, match="not a fixres-deploy calibration set"):
+    with pytest.raises(UserInputError, match="is not a fixres-deploy/calibration-set file"):
         load_calibration_manifest(tmp_path / "other.json")
+    # a version-1 manifest ("version" key, no schema_version) is refused with both versions and the fix
+    old = {k: v for k, v in d.items() if k != "schema_version"} | {"version": 1}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    with pytest.raises(UserInputError, match=r"schema_version None.*reads schema_version 2.*fixres-deploy calibration"):
+        load_calibration_manifest(tmp_path / "v1.json")
 
     moved = tmp_path / "moved"
     shutil.move(demo_copy, moved)

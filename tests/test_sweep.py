@@ -90,6 +90,23 @@ def test_store_records_and_failures(tmp_path):
     assert not cached4
 
 
+def test_store_with_relative_root_rebases_absolute_paths(tmp_path, monkeypatch):
+    """A store opened by a relative path (`--out runs/demo`) still moves absolute result paths into place."""
+    monkeypatch.chdir(tmp_path)
+    store = ResultStore("runs/x/store")
+
+    def make(d):
+        f = os.path.abspath(d / "v.onnx")  # stages return absolute paths (make_variant does)
+        with open(f, "w") as fh:
+            fh.write("v")
+        return {"path": f, "files": [f]}
+
+    rec, _ = store.run("variant", {"a": 1}, make)
+    assert os.path.isabs(rec["result"]["path"]) and open(rec["result"]["path"]).read() == "v"
+    assert f"{os.sep}.{rec['key'][:12]}." not in rec["result"]["path"]  # not the temp folder
+    assert list(rec["files"]) == ["v.onnx"]  # recorded relative to the artifact folder, with size and sha256
+
+
 def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, monkeypatch):
 
     out = tmp_path / "sw"
@@ -135,31 +152,44 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
     assert len(again.points) == 16 and isinstance(again.points[0], SweepPoint)
 
 
-def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small):
+def test_sweep_records_failures_and_goes_on(tmp_path, small_ckpt, demo_small, monkeypatch):
+    import fixres_deploy.engines.engine as engine_mod
+
+    real = engine_mod.build_verified_engine
+
+    def no_int8(backend, source, precision, *a, **k):
+        if precision == "int8":
+            raise RuntimeError("this backend cannot build the int8 graph")
+        return real(backend, source, precision, *a, **k)
+
+    monkeypatch.setattr(engine_mod, "build_verified_engine", no_int8)
     out = tmp_path / "sw"
-    res = run_sweep(
-        _cfg(
-            small_ckpt,
-            demo_small,
-            out,
-            backends=["onnxruntime", "tensorrt"],
-            finetune=[False],
-            resolutions=[64],
-            precisions=["fp32"],
-        ),
-        out,
-    )
-    by_backend = {p.backend: p for p in res.points}
-    assert by_backend["onnxruntime"].ok
-    assert by_backend["tensorrt"].error and "tensorrt" in by_backend["tensorrt"].error.lower()
+    res = run_sweep(_cfg(small_ckpt, demo_small, out, finetune=[False], resolutions=[64]), out)
+    by_precision = {p.precision: p for p in res.points}
+    assert by_precision["fp32"].ok
+    assert by_precision["int8"].error and "cannot build the int8 graph" in by_precision["int8"].error
     assert any(f["stage"] == "engine" for f in res.failures)
+
+
+def test_sweep_refuses_an_unavailable_backend_before_any_work(tmp_path, small_ckpt, demo_small):
+    import importlib.util
+
+    from fixres_deploy.core.errors import MissingDependencyError
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    out = tmp_path / "sw"
+    cfg = _cfg(small_ckpt, demo_small, out, backends=["onnxruntime", "tensorrt"], finetune=[False, True])
+    with pytest.raises(MissingDependencyError, match=r"tensorrt.*fixres-deploy\[gpu\]"):
+        run_sweep(cfg, out)
+    assert not (out / "store").exists() or not any((out / "store" / "objects").iterdir())
 
 
 def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     from fixres_deploy.choose.report import write_report
     from fixres_deploy.cli.app import main
-    from fixres_deploy.ship.verify import verify_bundle
     from fixres_deploy.ship.bundle_select import bundle_selected
+    from fixres_deploy.ship.verify import verify_bundle
 
     out = tmp_path / "sw"
     sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)

@@ -103,6 +103,7 @@ def build_report(sweep, cfg: SelectionConfig | None = None) -> dict:
         "store": {"hits": sweep.store_hits, "misses": sweep.store_misses},
         "preprocess": sweep.preprocess,
         "class_names": sweep.class_names,
+        "tensorrt_int8_prediction": sweep.tensorrt_int8_prediction,  # sweep/trt_int8.py
     }
     return stamp(body, REPORT_FORMAT, REPORT_SCHEMA_VERSION)
 
@@ -132,6 +133,8 @@ def write_report(sweep, out_dir: str | os.PathLike, cfg: SelectionConfig | None 
 
 
 def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
+    from fixres_deploy.sweep import trt_int8
+
     cfg = SelectionConfig(**rep["selection_config"])
     chosen = points[rep["selected"]]
     lines = ["# fixres-deploy report", ""]
@@ -189,6 +192,7 @@ def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
             lines += [f"![{title}]({os.path.basename(rep['plots'][name])})", ""]
     ok = [i for i, p in enumerate(points) if p.ok]
     lines += ["## All points", "", _table(points, ok), ""]
+    lines += trt_int8.markdown(rep.get("tensorrt_int8_prediction") or [])
     if rep.get("peak_gflops"):
         lines.append(
             f"Machine peak (large fp32 matrix product): {rep['peak_gflops']:.1f} GFLOP/s. "

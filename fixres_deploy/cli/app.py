@@ -99,6 +99,21 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=_floats3, help="r,g,b std of [0,1] pixels")
 
 
+def _add_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest batch x height x width per call (default: derived from available memory; "
+        "env FIXRES_MAX_PIXELS); see docs/robustness.md",
+    )
+
+
+def _check_pixels(args: argparse.Namespace, resolutions, batch_sizes, flags: str) -> None:
+    from fixres_deploy.core.limits import check_pixels
+
+    check_pixels(args.command, resolutions, batch_sizes, override=getattr(args, "max_pixels", None), flags=flags)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--workers", type=int, help="data-loading processes (default: cores - 1)")
@@ -213,6 +228,7 @@ def _prior_parser(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fixres_deploy.fixres.evaluate import evaluate_checkpoint
 
+    _check_pixels(args, [args.resolution], [args.batch_size], "--resolution/--batch-size")
     _set_threads(args)
     loaded = load_from_args(args, image_size=args.resolution)
     cfg = preprocess_from_args(args, loaded, args.resolution)
@@ -236,6 +252,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--data", required=True, help="ImageFolder root (DIR/<class>/<image>)")
     p.add_argument("--resolution", type=int, required=True, help="test resolution K_test")
     p.add_argument("--batch-size", type=int, default=64)
+    _add_limit_arg(p)
     _common(p)
 
 
@@ -249,6 +266,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     resolutions = parse_int_list(args.resolutions, "--resolutions")
+    _check_pixels(args, resolutions, [args.batch_size], "--resolutions/--batch-size")
     loaded = load_from_args(args, image_size=max(resolutions))
     cfg = preprocess_from_args(args, loaded, resolutions[0])
     opts = FinetuneOptions(
@@ -326,6 +344,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--bn", action="append", help="BatchNorm module to adapt (repeatable; default: discovered)")
     p.add_argument("--head", action="append", help="classifier module to train (repeatable; default: discovered)")
     p.add_argument("--seed", type=int, default=0)
+    _add_limit_arg(p)
     _common(p)
 
 
@@ -456,10 +475,17 @@ COMMAND_MODULES = [
         "fixres_deploy.cli.bench",  # bench
         "fixres_deploy.cli.sweep",  # sweep, select, report, run
         "fixres_deploy.cli.ship",  # bundle, predict, triton
+        "fixres_deploy.cli.store",  # store check, store gc
         "fixres_deploy.cli.serve",  # export-multires, serve
     )
     if importlib.util.find_spec(name) is not None
 ]
+
+# What each command's --out is (checked before any work by core.paths.check_out).
+OUT_KINDS = {
+    **dict.fromkeys(("build", "sweep", "run", "finetune", "report", "demo", "demo-data", "bundle", "triton"), "dir"),
+    **dict.fromkeys(("export", "bench", "train", "calibration"), "file"),
+}
 
 PARSERS: list[Callable] = [
     _demo_parser,
@@ -480,13 +506,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     setup_logging(-1 if args.quiet else args.verbose)
+    from fixres_deploy.core.interrupt import Terminated, sigterm_as_interrupt
+    from fixres_deploy.core.utils import strip_ansi
+
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        with sigterm_as_interrupt():
+            out = getattr(args, "out", None)
+            if out and args.command in OUT_KINDS:
+                from fixres_deploy.core.paths import check_out
+
+                check_out(out, OUT_KINDS[args.command])  # before any work
+            return int(COMMANDS[args.command](args) or 0)
     except FixResError as exc:
         if args.debug:
             raise
-        print(f"fixres-deploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fixres-deploy {args.command}: error: {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a file the user named: one line, not a traceback
+        if args.debug:
+            raise
+        print(
+            f"fixres-deploy {args.command}: error: {strip_ansi(str(exc))} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from fixres_deploy.cli.app import _emit, command
+from fixres_deploy.cli.app import _add_limit_arg, _check_pixels, _emit, command
 
 
 @command("bench")
@@ -34,8 +34,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.no_load_check:
         overrides["check_load"] = False
     latency = preset(**overrides)
-    res = parse_int_list(args.resolutions, "--resolutions") if args.resolutions else None
-    batches = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
+    # an empty value ('') is an error, not "the defaults"
+    res = parse_int_list(args.resolutions, "--resolutions") if args.resolutions is not None else None
+    batches = parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes is not None else None
+    _check_pixels(args, res or [], batches or [1, 8], "--resolutions/--batch-sizes")
     common = dict(
         resolutions=res,
         batch_sizes=batches,
@@ -94,6 +96,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--no-peak", action="store_true", help="skip the machine-peak measurement (no %% of peak)")
     p.add_argument("--no-interleave", action="store_true", help="measure shapes/engines one after the other")
     p.add_argument("--out", help="write the JSON report here")
+    _add_limit_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fixres_deploy.cli.app import _emit, command
+from fixres_deploy.cli.app import _add_limit_arg, _check_pixels, _emit, command
 
 
 def _csv(text: str) -> list[str]:
@@ -52,6 +52,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         legacy_fp16_flag=args.legacy_fp16,
         extra=extra,
     )
+    resolutions = parse_int_list(args.resolutions, "--resolutions")
+    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
+    _check_pixels(
+        args,
+        resolutions,
+        batch_sizes + ([args.max_batch] if args.dynamic else []),
+        "--resolutions/--batch-sizes/--max-batch",
+    )
     float_layers = args.float_layers
     if float_layers not in ("default", "none") and float_layers is not None:
         float_layers = _csv(float_layers)
@@ -61,10 +69,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.onnx,
         backends=_csv(args.backend),
         precisions=_csv(args.precision),
-        resolutions=parse_int_list(args.resolutions, "--resolutions"),
+        resolutions=resolutions,
         dynamic=args.dynamic,
         bands=args.bands,
-        batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"),
+        batch_sizes=batch_sizes,
         max_batch=args.max_batch,
         calibration_data=args.calibration_data,
         calibration_method=args.calibration_method,
@@ -136,6 +144,7 @@ def _build_parser(sub) -> None:
         help="TensorRT 10 only: BuilderFlag.FP16 on the fp32 graph (refused on TensorRT 11)",
     )
     p.add_argument("--out", required=True, help="build folder (index.json, engines, variants/)")
+    _add_limit_arg(p)
     p.add_argument("--json", action="store_true", help="print the index as one JSON document")
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 
 from fixres_deploy.cli.app import (
+    _add_limit_arg,
     _add_model_args,
     _add_preprocess_args,
+    _check_pixels,
     _common,
     _emit,
     _set_threads,
@@ -50,11 +52,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     _set_threads(args)
     if not args.checkpoint and not args.weights:
         raise UserInputError("export needs --checkpoint (or --weights): a random-init model is not worth shipping")
-    loaded = load_from_args(args, image_size=args.resolution)
-    cfg = preprocess_from_args(args, loaded, args.resolution)
     resolutions = (
         parse_int_list(args.validate_resolutions, "--validate-resolutions") if args.validate_resolutions else None
     )
+    _check_pixels(
+        args, [args.resolution, *(resolutions or [])], [args.batch_size], "--resolution/--validate-resolutions"
+    )
+    loaded = load_from_args(args, image_size=args.resolution)
+    cfg = preprocess_from_args(args, loaded, args.resolution)
     result = export_checkpoint(
         loaded,
         args.out,
@@ -106,6 +111,7 @@ def _export_parser(sub) -> None:
         "--validation-data",
         help="ImageFolder of images like your deployment data (default: a few rendered demo images)",
     )
+    _add_limit_arg(p)
     _common(p)
 
 

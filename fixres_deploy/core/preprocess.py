@@ -166,6 +166,54 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
     return left, top, left + crop, top + crop
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white (as a browser or viewer shows them)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image, background: tuple[int, int, int] = ALPHA_BACKGROUND):
+    """Any PIL image as 8-bit RGB, scaled by its real range: the one conversion everywhere.
+
+    ``Image.convert("RGB")`` clips 16-bit and float pixels at 255 (a dark 16-bit scan
+    becomes all white), drops alpha (showing whatever colour hides under transparent pixels)
+    and ignores a palette's transparency. Here:
+
+    * ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, ``I``: 16-bit data (what PIL makes of 16-bit
+      PNG and TIFF), scaled by 255/65535; ``I`` values outside 0..65535 are clipped.
+    * ``F`` (float): [0, 1] data when its maximum is at most 1, else [0, 255]; clipped.
+    * ``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La`` and ``P`` with a transparent colour: alpha-composited
+      on ``background`` (white).
+    * ``P``, ``L``, ``1``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's own conversion.
+
+    Raises:
+        UserInputError: a mode PIL cannot convert to RGB.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("PA", "LA", "La", "RGBa"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        canvas = Image.new("RGBA", image.size, (*background, 255))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise UserInputError(f"images of PIL mode {mode!r} cannot be converted to RGB: {exc}") from exc
+
+
 def preprocess_pil(image, cfg: PreprocessConfig) -> np.ndarray:
     """Eval transform of one PIL image with PIL + numpy only (the production runtime's path).
 
@@ -178,8 +226,7 @@ def preprocess_pil(image, cfg: PreprocessConfig) -> np.ndarray:
     """
     from PIL import Image
 
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     new_w, new_h = resized_dims(w, h, cfg.resize_size, cfg.resize_mode)
     if (new_w, new_h) != (w, h):
@@ -237,17 +284,13 @@ def _resize(cfg: PreprocessConfig):
     return T.Resize(cfg.resize_size, interpolation=_tv_interpolation(cfg.interpolation))
 
 
-def _to_rgb(image):
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def eval_transform(cfg: PreprocessConfig):
     """The test transform ("test DA"): resize, center crop, to tensor, normalize (torchvision)."""
     from torchvision import transforms as T
 
     return T.Compose(
         [
-            T.Lambda(_to_rgb),
+            T.Lambda(to_rgb),
             _resize(cfg),
             T.CenterCrop(cfg.test_input_size),
             T.ToTensor(),
@@ -298,7 +341,7 @@ def finetune_transform(cfg: PreprocessConfig, augmentation: str = "test"):
     if augmentation == "test2":
         return T.Compose(
             [
-                T.Lambda(_to_rgb),
+                T.Lambda(to_rgb),
                 _resize(cfg),
                 _RandomShiftCenterCrop(k),
                 T.RandomHorizontalFlip(),
@@ -322,7 +365,7 @@ def train_transform(
 
     return T.Compose(
         [
-            T.Lambda(_to_rgb),
+            T.Lambda(to_rgb),
             T.RandomResizedCrop(
                 cfg.test_input_size,
                 scale=scale,

@@ -28,11 +28,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a file made by open() would not be
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give a folder made with ``mkdtemp``/``mkstemp`` (0700/0600) the modes ``mkdir``/``open`` would.
+
+    Folders become ``0777 & ~umask`` and files ``0666 & ~umask`` — 0755/0644 with the usual
+    umask 022 — so a serving container running as another user can read what was shipped;
+    a stricter umask (e.g. 077) keeps it private.
+    """
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:
@@ -84,6 +110,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_ANSI_ESCAPE = None
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, cursor moves) that libraries put in errors.
+
+    Error messages end up in log files, JSON reports and the CLI's one-line errors, where the
+    escapes are noise (``\\x1b[31m``) rather than colour.
+    """
+    import re
+
+    global _ANSI_ESCAPE
+    if _ANSI_ESCAPE is None:
+        _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+    return _ANSI_ESCAPE.sub("", text)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -110,7 +153,7 @@ def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | N
 
 
 def parse_int_list(text: str | Iterable[int], what: str = "list") -> list[int]:
-    """'128,160, 192' → [128, 160, 192] with a clear error."""
+    """'128,160, 192' → [128, 160, 192] with a clear error; duplicates dropped with a warning."""
     from fixres_deploy.core.errors import UserInputError
 
     if not isinstance(text, str):
@@ -120,5 +163,8 @@ def parse_int_list(text: str | Iterable[int], what: str = "list") -> list[int]:
     except ValueError as exc:
         raise UserInputError(f"{what} must be comma-separated integers, got {text!r}") from exc
     if not values:
-        raise UserInputError(f"{what} is empty: {text!r}")
-    return values
+        raise UserInputError(f"{what} is empty: {text!r}; give comma-separated integers, e.g. 160,224")
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):  # measuring a value twice costs time and proves nothing
+        log.warning("%s lists %s more than once: each is used once (%s)", what, text, ",".join(map(str, unique)))
+    return unique

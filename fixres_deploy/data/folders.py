@@ -74,21 +74,63 @@ def index_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = 
         missing = [c for c in found if c not in classes]
         if missing:
             raise DataError(
-                f"image folder '{root}' has class folders {missing[:5]} that the model does not know "
-                f"(model classes: {classes[:10]}{'...' if len(classes) > 10 else ''})"
+                f"image folder '{root}' has class folders {missing[:10]} that the model does not know; "
+                f"folder classes: {found[:20]}{'...' if len(found) > 20 else ''}, model classes: "
+                f"{classes[:20]}{'...' if len(classes) > 20 else ''}. Rename the folders to the model's class "
+                "names or use the checkpoint trained on these classes"
             )
     samples: list[Sample] = []
+    # every folder is listed once: the root and the class folders are taken before the walk,
+    # so a link back to them (circle/loop -> ..) is a loop, not more images
+    seen = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, c)) for c in classes}
     for label, name in enumerate(classes):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             continue
-        for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
-            for fname in sorted(files):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append(Sample(os.path.join(dirpath, fname), label))
+        samples += [Sample(p, label) for p in walk_images(folder, seen=seen, top_seen=True)]
     if not samples:
         raise DataError(f"image folder '{root}' contains no images with extensions {IMAGE_EXTENSIONS}")
     return ImageFolderIndex(root, list(classes), samples)
+
+
+def walk_images(folder: str | os.PathLike, *, seen: set[str] | None = None, top_seen: bool = False) -> list[str]:
+    """Image files under ``folder``, recursively, following folder links without ever looping.
+
+    Order: by folder path, then file name (what ``sorted(os.walk(...))`` gives). A folder
+    reached a second time — a symlink loop (``a/loop -> ..``) or a second link to a folder
+    already listed — is skipped with a WARNING naming it, so no image is counted twice.
+
+    Args:
+        seen: real paths of folders already listed (shared across calls); updated.
+        top_seen: ``folder`` itself is in ``seen`` already (listed by the caller's choice).
+    """
+    seen = set() if seen is None else seen
+    listing: list[tuple[str, list[str]]] = []
+
+    def visit(path: str, is_top: bool) -> None:
+        real = os.path.realpath(path)
+        if real in seen and not (is_top and top_seen):
+            log.warning("skipping '%s': it leads to '%s', which is already listed (a symlink loop?)", path, real)
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list '%s': %s", path, exc)
+            return
+        files = []
+        for e in entries:
+            try:
+                if e.is_dir():
+                    visit(e.path, False)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                    files.append(e.path)
+            except OSError as exc:  # a dangling or looping link (ELOOP)
+                log.warning("skipping '%s': %s", e.path, exc)
+        listing.append((path, files))
+
+    visit(os.fspath(folder), True)
+    return [f for _, files in sorted(listing) for f in files]
 
 
 def hash_fraction(name: str, salt: str = "") -> float:
@@ -128,12 +170,15 @@ def class_balanced_subset(index: ImageFolderIndex, per_class: int, seed: int = 0
 
 
 def load_rgb(path: str):
-    """Open an image fully (decode now, so corruption shows here) as RGB."""
+    """Open an image fully (decode now, so corruption shows here) as 8-bit RGB (:func:`to_rgb`)."""
     from PIL import Image
+
+    from fixres_deploy.core.preprocess import to_rgb
 
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        rgb = to_rgb(img)
+        return rgb.copy() if rgb is img else rgb  # the file's image is closed on leaving the block
 
 
 @dataclass

@@ -558,10 +558,10 @@ def _export_torchscript(model, example, tmp_onnx: str, *, dynamic, input_name, o
 
 def _first_line(exc: BaseException) -> str:
     """One readable line: the exception and its root cause (exporters wrap the real error)."""
-    import re
+    from fixres_deploy.core.utils import strip_ansi
 
     def line(e: BaseException) -> str:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        text = strip_ansi(str(e)).strip().splitlines()
         return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
     root = exc

@@ -193,8 +193,11 @@ def index_for_model(data: str | ImageFolderIndex, loaded) -> ImageFolderIndex:
     """Index an image folder with the model's class order, checking the class count.
 
     A fixres-deploy checkpoint records its class names: the folder's sub-folders are mapped
-    to those labels. A plain state dict does not: the sorted folder names are used (the
-    torchvision convention) and their number must not exceed the classifier size.
+    to those labels by name (a folder with a subset of them is fine; a name the model does not
+    know is refused). A plain state dict does not: the sorted folder names become labels
+    0..N-1 (the torchvision convention), which is right only when the folder has exactly one
+    sub-folder per classifier output — one folder fewer shifts every label after it, so any
+    other count is refused before work starts.
     """
     from fixres_deploy.core.errors import DataError
 
@@ -202,12 +205,25 @@ def index_for_model(data: str | ImageFolderIndex, loaded) -> ImageFolderIndex:
         index = data
     else:
         index = index_image_folder(data, classes=loaded.class_names)
-    if len(index.classes) > loaded.num_classes:
+    if loaded.class_names is None and len(index.classes) != loaded.num_classes:
         raise DataError(
-            f"image folder '{index.root}' has {len(index.classes)} classes but the model has "
-            f"{loaded.num_classes} outputs; pass the matching --num-classes / checkpoint"
+            f"image folder '{index.root}' has {len(index.classes)} class folders {_names(index.classes)} but the "
+            f"model has {loaded.num_classes} outputs and records no class names, so folder i would be read as "
+            f"output i and every label after a missing folder would be shifted. Give the folder one sub-folder "
+            f"per output (all {loaded.num_classes}, sorted names = output order), or use a checkpoint that "
+            "records its class names (fixres-deploy train / finetune write them)"
+        )
+    if loaded.class_names is not None and len(loaded.class_names) != loaded.num_classes:
+        raise DataError(
+            f"the checkpoint records {len(loaded.class_names)} class names {_names(loaded.class_names)} for "
+            f"{loaded.num_classes} outputs: it is inconsistent; re-save it with the right class names"
         )
     return index
+
+
+def _names(names) -> str:
+    names = list(names)
+    return str(names) if len(names) <= 12 else f"{names[:12]}... ({len(names)} in all)"
 
 
 def evaluate_checkpoint(

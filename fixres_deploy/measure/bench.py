@@ -178,6 +178,9 @@ class LatencyResult:
         remeasured: how many repeats were measured again because of contention.
         gpu_timing: p50 of the runner's CUDA-event times (h2d_ms, compute_ms, d2h_ms) and
             ``cuda_graph`` when the runner implements the hook protocol, else None.
+        latency_device_p50_ms: p50 of the per-call device time (h2d + compute + d2h from CUDA
+            events: what the GPU spent, without Python/host overhead); None without the hook.
+            The host ``latency_p50_ms`` stays beside it (it is what a caller waits for).
         config: the LatencyConfig used.
     """
 
@@ -206,6 +209,7 @@ class LatencyResult:
     contended: bool = False
     remeasured: int = 0
     gpu_timing: dict | None = None
+    latency_device_p50_ms: float | None = None
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -420,8 +424,19 @@ class _Case:
             contended=bool(contended),
             remeasured=self.remeasured,
             gpu_timing=self._gpu_summary(),
+            latency_device_p50_ms=self._device_p50(),
             config=cfg.to_dict(),
         )
+
+    def _device_p50(self) -> float | None:
+        """p50 over calls of h2d + compute + d2h (calls whose hook returned None are skipped)."""
+        totals = [
+            sum(float(g.get(k) or 0.0) for k in ("h2d_ms", "compute_ms", "d2h_ms"))
+            for r in self.kept
+            for g in r.gpu
+            if g
+        ]
+        return float(np.median(totals)) if totals else None
 
     def _gpu_summary(self) -> dict | None:
         rows = [g for r in self.kept for g in r.gpu if g]

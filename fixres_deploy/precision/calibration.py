@@ -25,12 +25,13 @@ import numpy as np
 
 from fixres_deploy.core.errors import DataError, UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig
+from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "fixres-deploy/calibration-set"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: "schema_version" header (core/schema.py); 1 had "version"
 DEFAULT_SIZE = 512
 
 
@@ -59,17 +60,13 @@ class CalibrationManifest:
     seed: int
     size: int
     set_hash: str
-    format: str = MANIFEST_FORMAT
-    version: int = MANIFEST_VERSION
     manifest_path: str | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "version": self.version,
+        body = {
             "root": self.root,
             "seed": self.seed,
             "size": self.size,
@@ -78,18 +75,17 @@ class CalibrationManifest:
             "n_images": len(self.images),
             "images": [dict(i) for i in self.images],
         }
+        return stamp(body, MANIFEST_FORMAT, MANIFEST_VERSION)
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "calibration manifest") -> CalibrationManifest:
-        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
-            raise UserInputError(
-                f"{source} is not a fixres-deploy calibration set (format {d.get('format') if isinstance(d, dict) else None!r}, "
-                f"expected {MANIFEST_FORMAT!r}); make one with `fixres-deploy calibration --data DIR --out FILE.json`"
-            )
-        if int(d.get("version", 0)) > MANIFEST_VERSION:
-            raise UserInputError(
-                f"{source} has version {d.get('version')}; this fixres-deploy reads <= {MANIFEST_VERSION}"
-            )
+        check_schema(
+            d,
+            MANIFEST_FORMAT,
+            MANIFEST_VERSION,
+            source,
+            "make a new one with `fixres-deploy calibration --data DIR --out FILE.json`",
+        )
         missing = [k for k in ("root", "images", "classes", "seed", "size", "set_hash") if k not in d]
         if missing:
             raise UserInputError(f"{source} lacks keys {missing}")
@@ -110,8 +106,6 @@ class CalibrationManifest:
             seed=int(d["seed"]),
             size=int(d["size"]),
             set_hash=d["set_hash"],
-            format=d["format"],
-            version=int(d["version"]),
         )
 
     def resolve(self, root: str | os.PathLike | None = None, *, verify: bool = True) -> list[tuple[str, int]]:

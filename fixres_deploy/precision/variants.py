@@ -235,9 +235,13 @@ def _quiet_ort_quantization():
 
 
 def _session(path: str):
+    from fixres_deploy.precision.qdq_fp16 import is_fp16_qdq
+
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if is_fp16_qdq(path):  # ORT CPU's optimizer mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types
@@ -848,6 +852,7 @@ def quantize_int8(
     calibration_set_hash: str | None = None,
     nodes_to_quantize: Sequence[str] | None = None,
     write_sidecar: bool = True,
+    fp16_float_parts: bool | None = None,
 ) -> PrecisionVariant:
     """Quantize an fp32 ONNX file to an int8 QDQ graph (see module docstring for flavors).
 
@@ -873,6 +878,9 @@ def quantize_int8(
             hash of the preprocessed data itself).
         nodes_to_quantize: quantize only these nodes (layer-sensitivity studies).
         write_sidecar: write ``<dst>.json``.
+        fp16_float_parts: the graph's float parts (float layers, scales, elementwise ops) in
+            fp16 with fp32 I/O (precision/qdq_fp16.py); default: True for the TensorRT flavor,
+            whose strongly typed build would otherwise run them in fp32.
 
     Raises:
         UserInputError: bad flavor/method/float layers, or batches that do not fit.
@@ -889,6 +897,7 @@ def quantize_int8(
     floats = _resolve_float_layers(src_model, float_layers)
     t0 = time.perf_counter()
     symmetric = flavor == "tensorrt"
+    half_floats = symmetric if fp16_float_parts is None else bool(fp16_float_parts)
     ranges, record = _calibration(
         src,
         batches,
@@ -912,6 +921,10 @@ def quantize_int8(
             reduce_range=reduce_range,
         )
         model = onnx.load(tmp)
+        if half_floats:
+            from fixres_deploy.precision.qdq_fp16 import float_parts_to_fp16
+
+            model = float_parts_to_fp16(model, keep_fp32_ops=FP16_KEEP_FP32_OPS)
         _copy_metadata(
             src_model,
             model,
@@ -944,6 +957,7 @@ def quantize_int8(
             "activation_type": "int8" if symmetric else "uint8",
             "weight_type": "int8",
             "quantize_bias": False,
+            "float_parts": "fp16" if half_floats else "fp32",
             "qdq_counts": counts,
         },
     )

@@ -1,7 +1,14 @@
 """Bundle archives: write a ``.tar.gz`` of a bundle folder, extract one safely.
 
 Extraction checks every member BEFORE anything is written (no absolute paths, no ``..``,
-nothing resolving outside the destination, no links or devices).
+nothing resolving outside the destination, no links or devices) and refuses an archive whose
+headers declare more files or bytes than a budget (an archive bomb fills the disk before
+any manifest could be checked): ``FIXRES_BUNDLE_MAX_FILES`` (default 10,000) and
+``FIXRES_BUNDLE_MAX_BYTES`` (default 8 GiB). The budget is checked while the headers are
+read, so the first member over it stops the reading too.
+
+Written archives and their files are readable by everyone (0644, folders 0755): a serving
+container often runs as another user than the one who bundled.
 """
 
 from __future__ import annotations
@@ -12,6 +19,29 @@ import tarfile
 
 from fixres_deploy.core.utils import atomic_path
 from fixres_deploy.ship.manifest import MANIFEST_NAME, TAR_SUFFIX, BundleError
+
+ENV_MAX_FILES = "FIXRES_BUNDLE_MAX_FILES"
+ENV_MAX_BYTES = "FIXRES_BUNDLE_MAX_BYTES"
+DEFAULT_MAX_FILES = 10_000
+DEFAULT_MAX_BYTES = 8 * 2**30
+
+
+def _budget(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        n = int(float(value))
+    except ValueError as exc:
+        raise BundleError(f"{name}={value!r} is not a number") from exc
+    if n < 1:
+        raise BundleError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+def extraction_budget() -> tuple[int, int]:
+    """(max members, max total bytes) an extraction accepts (environment or defaults)."""
+    return _budget(ENV_MAX_FILES, DEFAULT_MAX_FILES), _budget(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
 
 
 def bundle_tar_path(out_dir: str | os.PathLike) -> str:
@@ -74,9 +104,24 @@ def extract_bundle(tar_path: str | os.PathLike, dest: str | os.PathLike) -> str:
         raise BundleError(f"bundle archive '{tar_path}' does not exist")
     os.makedirs(dest, exist_ok=True)
     dest_real = os.path.realpath(dest)
+    max_files, max_bytes = extraction_budget()
     try:
         with tarfile.open(tar_path, "r:*") as tf:
-            members = tf.getmembers()
+            members: list[tarfile.TarInfo] = []
+            total = 0
+            for m in tf:  # headers only; stop at the first member over the budget
+                members.append(m)
+                total += max(0, m.size)
+                if len(members) > max_files or total > max_bytes:
+                    declared = (
+                        f"more than {max_files:,} files ({ENV_MAX_FILES})"
+                        if len(members) > max_files
+                        else f"at least {total:,} bytes, over the budget of {max_bytes:,} ({ENV_MAX_BYTES})"
+                    )
+                    raise BundleError(
+                        f"bundle archive '{tar_path}' refused; nothing was extracted: its headers declare "
+                        f"{declared}. A bundle is a few files; if this one is genuine, raise the budget"
+                    )
             problems = [p for p in (_member_problem(m, dest_real) for m in members) if p]
             if problems:
                 raise BundleError(

@@ -22,7 +22,7 @@ from fixres_deploy.backends.base import EngineArtifact
 from fixres_deploy.core import env
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig
-from fixres_deploy.core.utils import sha256_file, write_json
+from fixres_deploy.core.utils import sha256_file, share_tree, write_json
 from fixres_deploy.ship.archive import bundle_tar_path, write_bundle_tar
 from fixres_deploy.ship.compat import tensorrt_requirements
 from fixres_deploy.ship.manifest import (
@@ -36,7 +36,7 @@ from fixres_deploy.ship.manifest import (
     BundleEngine,
     BundleManifest,
     batch_range,
-    json_safe,
+    portable,
 )
 from fixres_deploy.ship.onnx_files import check_onnx_io, copy_onnx, unique_name
 
@@ -132,6 +132,7 @@ def make_bundle(
         manifest = _write_bundle_tree(
             tmp, engines, onnx_sources, preprocess, class_names, model, metrics, selection, multires
         )
+        share_tree(tmp)  # readable by the serving user (0755/0644 with umask 022), not mkdtemp's 0700
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +222,7 @@ def _write_bundle_tree(
                 opset=opset,
                 requires=requires,
                 build_s=float(art.build_s or 0.0),
-                meta=json_safe(art.meta or {}),
+                meta=portable(art.meta or {}),
             )
         )
 
@@ -243,7 +244,7 @@ def _write_bundle_tree(
         format=BUNDLE_FORMAT,
         schema_version=MANIFEST_SCHEMA_VERSION,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        model=json_safe(model or {}),
+        model=portable(model or {}),
         resolution=preprocess.test_input_size,
         precision=primary.precision,
         backend=primary.backend,
@@ -256,8 +257,8 @@ def _write_bundle_tree(
         class_names=list(class_names),
         engines=bundle_engines,
         onnx_sources=sources,
-        metrics=json_safe(metrics or {}),
-        selection=json_safe(selection) if selection is not None else None,
+        metrics=portable(metrics or {}),
+        selection=portable(selection) if selection is not None else None,
         libraries=libraries,
         hardware=hardware,
         files=_file_table(root),

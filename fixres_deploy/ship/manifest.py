@@ -276,6 +276,26 @@ def json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=_json_default))
 
 
+def portable(obj: Any) -> Any:
+    """:func:`json_safe` with absolute paths replaced by their file names.
+
+    A manifest travels: the build machine's paths (``/home/me/runs/a/store/...``) are wrong
+    where the bundle runs and point into the original folder of a copied run. Shipped files
+    are named relative to the bundle (``engine/...``); provenance keeps the file name.
+    """
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, str) and len(v) < 4096 and "\n" not in v and os.path.isabs(v):
+            return os.path.basename(v.rstrip("/\\")) or v
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items()}
+        return v
+
+    return strip(json_safe(obj))
+
+
 def _json_default(obj: Any):
     if hasattr(obj, "to_dict"):
         return obj.to_dict()

@@ -28,6 +28,7 @@ import numpy as np
 
 from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig, preprocess_pil
+from fixres_deploy.data.folders import IMAGE_EXTENSIONS, load_rgb, walk_images
 from fixres_deploy.ship.archive import extract_bundle
 from fixres_deploy.ship.manifest import TAR_SUFFIX, BundleError, batch_range, load_manifest
 from fixres_deploy.ship.verify import verify_bundle
@@ -35,7 +36,6 @@ from fixres_deploy.ship.verify import verify_bundle
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_CAP = 32  # a dynamic engine's default batch: its profile max, at most this
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass
@@ -82,22 +82,15 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames.sort()
-                found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            found = walk_images(p)
+            if not found:
+                raise UserInputError(
+                    f"folder '{p}' holds no image files (extensions {', '.join(IMAGE_EXTENSIONS)}): nothing to predict"
+                )
             out += found
         else:
             out.append(p)
     return out
-
-
-def _open_rgb(path: str):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later
-        return img.convert("RGB")
 
 
 class Classifier:
@@ -195,7 +188,7 @@ class Classifier:
         from PIL import Image
 
         if isinstance(image, (str, os.PathLike)):
-            return _open_rgb(os.fspath(image))
+            return load_rgb(os.fspath(image))  # decoded now: a truncated file fails here, not later
         if isinstance(image, Image.Image):
             return image
         if isinstance(image, np.ndarray):
@@ -321,6 +314,11 @@ def predict_bundle(
     verify: bool = True,
     threads: int | None = None,
 ) -> list[Prediction]:
-    """`fixres-deploy predict`: classify image files (or folders of them) with a bundle."""
+    """`fixres-deploy predict`: classify image files (or folders of them) with a bundle.
+
+    Raises:
+        UserInputError: a folder holds no images (checked before the bundle is loaded).
+    """
+    paths = expand_image_paths(paths)
     with Classifier(bundle_dir, backend=backend, verify=verify, threads=threads) as clf:
         return clf.classify_paths(paths, batch_size=batch_size, top_k=top_k)

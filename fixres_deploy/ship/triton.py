@@ -22,6 +22,7 @@ import shutil
 import tempfile
 
 from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.utils import share_tree
 from fixres_deploy.ship.manifest import (
     LABELS_NAME,
     BundleEngine,
@@ -251,6 +252,7 @@ def export_triton_repository(
         shutil.copyfile(os.path.join(bundle_dir, manifest.labels_file), os.path.join(tmp, LABELS_NAME))
         with open(os.path.join(tmp, "config.pbtxt"), "w", encoding="utf-8") as f:
             f.write(text)
+        share_tree(tmp)  # Triton usually runs as another user: 0755/0644, not mkdtemp's 0700
         if os.path.exists(target):
             shutil.rmtree(target)
         os.rename(tmp, target)

@@ -246,6 +246,18 @@ class SweepConfig(_Checked):
         None, "result store folder (default: OUT/store)", example='store = "runs/store"', path=True
     )
     retry_failed: bool = option(False, "re-run stages recorded as failed")
+    tensorrt_int8_prediction: bool = option(
+        True,
+        "when int8 is swept, also measure the TensorRT-flavored int8 graph's top-1 on ONNX Runtime CPU "
+        "(TensorRT int8 accuracy predicted before any GPU build)",
+        flag="--no-tensorrt-int8-prediction",
+    )
+    max_pixels: int | None = option(
+        None,
+        "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
+        example="max_pixels = 50000000",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

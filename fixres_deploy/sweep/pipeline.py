@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fixres_deploy.core.errors import UserInputError
+from fixres_deploy.core.schema import stamp
 from fixres_deploy.core.utils import read_json, stable_hash, write_json
 from fixres_deploy.sweep.config import PipelineConfig, SelectionConfig, SweepConfig, write_effective_config
 
@@ -88,10 +89,12 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     is written; then ``OUT/config.effective.toml`` records the config this run used.
     """
     from fixres_deploy.choose.report import write_report
+    from fixres_deploy.core.paths import check_out
     from fixres_deploy.sweep.sweep import run_sweep
 
     t0 = time.perf_counter()
     pc.validate()
+    check_out(pc.out, "dir", flag="--out ([output] dir)")
     summary_config = write_effective_config(pc, pc.out)
     sweep = run_sweep(pc.sweep, pc.out)
     rep = write_report(sweep, pc.out, pc.select)
@@ -119,8 +122,19 @@ def run_pipeline(pc: PipelineConfig) -> dict:
             overwrite=True,
         )  # the pipeline's own output: replaced on re-runs
     summary["seconds"] = time.perf_counter() - t0
-    write_json(os.path.join(pc.out, "run.json"), summary)
+    write_run_summary(pc.out, summary)
     return summary
+
+
+RUN_FORMAT = "fixres-deploy/run"
+RUN_SCHEMA_VERSION = 1
+
+
+def write_run_summary(out: str, summary: dict) -> str:
+    """OUT/run.json: what one `run`/`demo` did, for people and scripts (nothing in the package reads it back)."""
+    path = os.path.join(out, "run.json")
+    write_json(path, stamp(summary, RUN_FORMAT, RUN_SCHEMA_VERSION))
+    return path
 
 
 def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> PipelineConfig:
@@ -161,5 +175,5 @@ def run_demo(out: str | os.PathLike, *, size: str = "full") -> dict:
     summary = run_pipeline(demo_pipeline_config(out, prep, size=size))
     summary["train_seconds"] = prep["train_seconds"]
     summary["seconds"] = time.perf_counter() - t0
-    write_json(os.path.join(out, "run.json"), summary)
+    write_run_summary(out, summary)
     return summary

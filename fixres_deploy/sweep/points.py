@@ -56,6 +56,7 @@ class SweepPoint:
     latency_p99_ms: float | None = None
     latency_mean_ms: float | None = None
     latency_std_ms: float | None = None
+    latency_device_p50_ms: float | None = None  # CUDA-event device time (GPU backends), beside host p50
     throughput_ips: float | None = None
     gflops_per_image: float | None = None
     achieved_gflops: float | None = None

@@ -17,6 +17,7 @@ shape mode (at the largest batch of the grid); latency is measured per batch siz
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fixres_deploy.core.env import PIPELINE_MODULES, library_versions, machine_id
+from fixres_deploy.core.limits import check_pixels
 from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.config import SweepConfig
@@ -56,6 +58,7 @@ class SweepResult:
     store_misses: int
     failures: list[dict] = field(default_factory=list)
     finetune_curve: list[dict] = field(default_factory=list)
+    tensorrt_int8_prediction: list[dict] = field(default_factory=list)  # sweep/trt_int8.py
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,6 +161,11 @@ class _Sweep:
 
         self.t_start = time.perf_counter()
         cfg.validate()
+        for backend in cfg.backends:  # a missing library fails now, not after fine-tuning and export
+            from fixres_deploy.engines.build import _unavailable
+
+            if (missing := _unavailable(backend)) is not None:
+                raise missing
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +202,8 @@ class _Sweep:
         self.prior = None
         if cfg.resolutions:
             self.resolutions = sorted(set(int(r) for r in cfg.resolutions))
+            if len(self.resolutions) < len(cfg.resolutions):
+                log.warning("duplicate resolutions in %s: each is measured once", list(cfg.resolutions))
         else:
             self.prior = resolution_prior(
                 self.train_res,
@@ -204,6 +214,9 @@ class _Sweep:
             )
             self.resolutions = sorted(set(self.prior.candidates) | {self.train_res})
         self.max_batch = max(cfg.batch_sizes)
+        check_pixels(
+            "sweep", self.resolutions, [self.max_batch], override=cfg.max_pixels, flags="resolutions/batch_sizes"
+        )
         self.mods = resolve_fixres_modules(loaded.model)
         peak_rec, _ = self.store.run(
             "peak",
@@ -358,6 +371,7 @@ class _Sweep:
             "recipe": recipe.to_dict(),
             "method": cfg.calibration_method if int8 else None,
             "float_layers": cfg.int8_float_layers if int8 else None,
+            "qdq_float_parts": "fp16" if recipe.flavor == "tensorrt" else None,  # precision/qdq_fp16.py
             "calibration": {
                 "train": self.train_hash,
                 "n": cfg.calibration_size,
@@ -496,7 +510,10 @@ class _Sweep:
             self.points.append(point)
 
     def run(self) -> SweepResult:
+        from fixres_deploy.sweep import trt_int8
+
         cfg = self.cfg
+        self.trt_int8_rows: list[dict] = []
         per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
         bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
         for res in self.resolutions:
@@ -508,6 +525,9 @@ class _Sweep:
                 except _Stage:
                     bar.update(per_model)
                     continue
+                if trt_int8.enabled(cfg):
+                    with contextlib.suppress(_Stage):  # a failure is recorded in failures
+                        self.trt_int8_rows.append(trt_int8.predict(self, res, ft, onnx_path, onnx_sha))
                 for precision in cfg.precisions:
                     for backend in cfg.backends:
                         base = dict(
@@ -550,6 +570,7 @@ class _Sweep:
             store_misses=self.store.misses,
             failures=self.failures,
             finetune_curve=_curve_from_points(self.points, self.train_res),
+            tensorrt_int8_prediction=trt_int8.with_fp32_reference(self.trt_int8_rows, self.points),
         )
         result.save(self.out_dir / "sweep.json")
         return result
@@ -561,6 +582,7 @@ def _fill_latency(point: SweepPoint, lat: dict) -> None:
     point.latency_p99_ms = lat["latency_p99_ms"]
     point.latency_mean_ms = lat["latency_mean_ms"]
     point.latency_std_ms = lat["latency_std_ms"]
+    point.latency_device_p50_ms = lat.get("latency_device_p50_ms")
     point.throughput_ips = lat["throughput_ips"]
     point.contended = bool(lat.get("contended"))
     point.latency_meta = {
