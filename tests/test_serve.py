@@ -441,3 +441,17 @@ def test_serve_help_needs_no_server_libraries():
         check=True,
     )
     assert "--slo-p99-ms" in out.stdout
+
+
+def test_request_start_header_moves_the_arrival_back():
+    from fixres_deploy.ship.serve.app import arrival_time
+
+    class S:
+        clock = FakeClock(500.0)
+
+    now = time.time()
+    assert arrival_time(S(), {"x-request-start": f"t={now - 0.25:.6f}"}) == pytest.approx(499.75, abs=0.05)
+    assert arrival_time(S(), {"x-request-start": f"t={int((now - 0.25) * 1e6)}"}) == pytest.approx(499.75, abs=0.05)
+    for bad in ("t=abc", f"t={now + 30}", f"t={now - 3600}", ""):
+        assert arrival_time(S(), {"x-request-start": bad}) == 500.0
+    assert arrival_time(S(), {}) == 500.0

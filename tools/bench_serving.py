@@ -106,7 +106,8 @@ async def replay(port: int, trace: list[dict], images, timeout_s: float) -> list
             data, label = images[item["image"]]
             rec = {"t": sent - start, "phase": item["phase"], "label": label}
             try:
-                r = await client.post("/v1/classify", content=data, headers={"Content-Type": "image/jpeg"})
+                headers = {"Content-Type": "image/jpeg", "X-Request-Start": f"t={time.time():.6f}"}
+                r = await client.post("/v1/classify", content=data, headers=headers)
                 rec["status"] = r.status_code
                 if r.status_code == 200:
                     body = r.json()

@@ -33,20 +33,25 @@ class ImageTooLargeError(BadImageError):
 
 
 def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Decode image bytes to an RGB PIL image, refusing empty, oversized and undecodable input."""
+    """Decode image bytes to an RGB PIL image, refusing empty, oversized and undecodable input.
+
+    Raises:
+        BadImageError: empty or undecodable. ImageTooLargeError: over ``max_bytes`` or ``max_pixels``.
+    """
     from PIL import Image
 
     if not data:
         raise BadImageError("empty body: send the image file's bytes")
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"image of {len(data)} bytes is over the limit of {max_bytes} bytes")
+    from fixres_deploy.data.folders import load_rgb
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # the header only: check the size before decoding
             w, h = img.size
-            if w * h > max_pixels:
-                raise ImageTooLargeError(f"image of {w}x{h} px is over the limit of {max_pixels} pixels")
-            img.load()
-            return img.convert("RGB")
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"image of {w}x{h} px is over the limit of {max_pixels} pixels")
+        return load_rgb(io.BytesIO(data))  # the project's decoding (mode conversions, decoded now)
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
