@@ -41,9 +41,9 @@ def test_head_bank_equals_each_checkpoint_at_its_resolution(exported, demo_train
     result, fset = exported
     assert result.validation["passed"]
     assert sorted({r["resolution"] for r in result.validation["runs"]}) == list(RES)
-    assert json.loads(
-        dict((p.key, p.value) for p in __import__("onnx").load(result.path).metadata_props)["fixres_deploy.multires"]
-    )["resolutions"] == list(RES)
+    from fixres_deploy.export.onnx_export import read_onnx_metadata
+
+    assert json.loads(read_onnx_metadata(result.path)["fixres_deploy.multires"])["resolutions"] == list(RES)
     session = _session(result.path)
     assert [i.name for i in session.get_inputs()] == ["input"]  # one input: the head follows the height
     cfg = PreprocessConfig.from_dict(result.preprocess)
