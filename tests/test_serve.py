@@ -139,6 +139,21 @@ def test_batcher_refuses_what_even_the_fastest_resolution_cannot_serve_in_time()
     b.stop()
 
 
+def test_admission_counts_the_time_a_request_already_waited():
+    from fixres_deploy.ship.serve.batcher import Batcher, Overloaded
+    from fixres_deploy.ship.serve.metrics import Metrics
+    from fixres_deploy.ship.serve.policy import Policy
+
+    clock = FakeClock()
+    policy = Policy(_table(), slo_ms=50, max_batch=8, margin=1.0, clock=clock)
+    b = Batcher(lambda items, r: items, policy, Metrics(50, RES), max_batch=8)
+    b.admit(clock.t - 0.040)  # 40 ms old + 2 ms at 48 px: in time
+    with pytest.raises(Overloaded, match="predicted answer 50 ms after arrival"):
+        b.admit(clock.t - 0.0485)  # 48.5 ms + 2 ms > 50 ms: refused before any work
+    b.submit("x", clock.t - 0.040)
+    assert b.queue_length == 1
+
+
 def test_batcher_runs_batches_and_records_metrics():
     from fixres_deploy.ship.serve.batcher import Batcher
     from fixres_deploy.ship.serve.metrics import Metrics

@@ -125,6 +125,7 @@ class Server:
     async def classify(self, data: bytes, arrival: float) -> Answer:
         from starlette.concurrency import run_in_threadpool
 
+        self.batcher.admit(arrival)  # refuse before decoding: an overloaded server spends nothing more on it
         image = await run_in_threadpool(decode_image, data, max_bytes=self.config.max_image_bytes)
         future = self.batcher.submit(image, arrival)
         return await asyncio.wrap_future(future)

@@ -113,6 +113,32 @@ class Batcher:
             self._thread = None
 
     # -- requests -------------------------------------------------------------------------
+    def admit(self, arrival: float | None = None) -> None:
+        """Refuse now (before any work is spent on it) a request that cannot be answered in time.
+
+        A request is refused when its age plus the predicted wait — the batch in flight and
+        every queued request served at the fastest (or the fixed) resolution, then itself —
+        exceeds ``admission_factor`` × the objective, or when the queue is full. Its age counts:
+        a request that already waited (a busy event loop, a proxy) has less time left.
+
+        Raises:
+            Overloaded: with the predicted backlog as ``retry_after_s``.
+        """
+        with self._cond:
+            self._admit_locked(self.clock(), arrival)
+
+    def _admit_locked(self, now: float, arrival: float | None) -> None:
+        queued = len(self._queue)
+        wait_ms = self.policy.admission_wait_ms(queued, (self._busy_until - now) * 1e3)
+        age_ms = max(0.0, (now - arrival) * 1e3) if arrival is not None else 0.0
+        if self._stopped or queued >= self.max_queue or age_ms + wait_ms > self.policy.slo_ms * self.admission_factor:
+            self.metrics.reject("overload")
+            raise Overloaded(
+                f"overloaded: {queued} requests queued, predicted answer {age_ms + wait_ms:.0f} ms after arrival even "
+                f"at the fastest resolution (objective {self.policy.slo_ms:.0f} ms)",
+                self.policy.retry_after_s(wait_ms),
+            )
+
     def submit(self, payload: Any, arrival: float | None = None) -> Future:
         """Queue one request; its Future resolves to an :class:`Answer`.
 
@@ -122,19 +148,11 @@ class Batcher:
                 before queueing (reading, decoding) counts against the objective.
 
         Raises:
-            Overloaded: the request cannot be answered in time (or the queue is full).
+            Overloaded: the request cannot be answered in time (or the queue is full): see :meth:`admit`.
         """
         with self._cond:
             now = self.clock()
-            queued = len(self._queue)
-            wait_ms = self.policy.admission_wait_ms(queued, (self._busy_until - now) * 1e3)
-            if self._stopped or queued >= self.max_queue or wait_ms > self.policy.slo_ms * self.admission_factor:
-                self.metrics.reject("overload")
-                raise Overloaded(
-                    f"overloaded: {queued} requests queued, predicted answer in {wait_ms:.0f} ms even at the fastest "
-                    f"resolution (objective {self.policy.slo_ms:.0f} ms)",
-                    self.policy.retry_after_s(wait_ms),
-                )
+            self._admit_locked(now, arrival)
             item = _Item(payload, now if arrival is None else min(float(arrival), now))
             self._queue.append(item)
             self.metrics.queue_length = len(self._queue)
