@@ -30,6 +30,7 @@ per (resolution, batch) on this machine, and writes a bundle whose manifest has 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 MULTIRES_FORMAT = "fixres-deploy/multires"
 MULTIRES_SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
+#: ONNX metadata key of the head bank's description (:func:`multires_metadata`)
+META_MULTIRES = "fixres_deploy.multires"
 
 
 class TrunkMismatchError(UserInputError):
@@ -278,6 +281,15 @@ def build_head_bank_model(fset: FixResSet):
 # --------------------------------------------------------------------------- export
 
 
+def multires_metadata(fset: FixResSet) -> dict:
+    """What the ONNX file records about its head bank (``fixres_deploy.multires`` metadata)."""
+    return {
+        "resolutions": list(fset.resolutions),
+        "head_selection": "nearest resolution to the input height",
+        "adapted_modules": {"batchnorm": list(fset.bn_names), "classifier": list(fset.head_names)},
+    }
+
+
 def export_multires(
     checkpoints: Sequence[str | os.PathLike],
     out_path: str | os.PathLike,
@@ -329,27 +341,9 @@ def export_multires(
         model_spec=base.spec,
         tolerance=tolerance or ValidationTolerance(),
         reference_models={r: m.model for r, m in zip(fset.resolutions, fset.models)},
-        extra_metadata={META_MULTIRES: json_dumps(multires_metadata(fset))},
+        extra_metadata={META_MULTIRES: json.dumps(multires_metadata(fset), sort_keys=True)},
     )
     return result, fset
-
-
-META_MULTIRES = "fixres_deploy.multires"
-
-
-def json_dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
-
-
-def multires_metadata(fset: FixResSet) -> dict:
-    """What the ONNX file records about its head bank (``fixres_deploy.multires`` metadata)."""
-    return {
-        "resolutions": list(fset.resolutions),
-        "head_selection": "nearest resolution to the input height",
-        "adapted_modules": {"batchnorm": list(fset.bn_names), "classifier": list(fset.head_names)},
-    }
 
 
 # --------------------------------------------------------------------------- engines, table, bundle
@@ -383,9 +377,8 @@ def measure_latency_table(
     """
     if not images:
         raise UserInputError("no images to measure the latency table with")
-    pool = list(images)
-    while len(pool) < max(batch_sizes):
-        pool += list(images)
+    images = list(images)
+    pool = images * (2 + max(batch_sizes) // len(images))  # any start in images has a full batch after it
     samples: dict[tuple[int, int], list[float]] = {(r, b): [] for r in resolutions for b in batch_sizes}
     pre: dict[int, list[float]] = {r: [] for r in resolutions}
     for r in resolutions:  # warm up every shape once (allocators, kernels)
@@ -394,7 +387,8 @@ def measure_latency_table(
     for rep in range(int(repeats)):
         for r in resolutions:
             for b in batch_sizes:
-                chunk = pool[rep % len(images) :][:b] if len(pool) - rep % len(images) >= b else pool[:b]
+                start = (rep * b) % len(images)  # other images each repeat
+                chunk = pool[start : start + b]
                 t0 = time.perf_counter()
                 batch_runner.probabilities(chunk, r)
                 samples[(r, b)].append((time.perf_counter() - t0) * 1e3)
