@@ -10,9 +10,11 @@ record: one measurement, no noise-made difference between them.
 All engines that compete in one selection (one batch size, this machine) are timed together
 in one ``latency_group`` stage, interleaved in rounds (:func:`fixres_deploy.measure.bench.measure_rounds`),
 so that the ratio of any two of them can be computed per round with an interval
-(:mod:`fixres_deploy.choose.ratios`). The group's record keeps every round; each member also
-gets its own ``latency`` record (its result and the group's key), which a later sweep over
-other weights of the same architecture finds.
+(:mod:`fixres_deploy.choose.ratios`). The group's record keeps every round; a group with the
+same members (a later sweep over other weights of the same architecture) is a store hit. Each
+member also gets its own ``latency`` record under its key (its result and the key of the first
+group that timed it): the index of what has been measured on this machine. Points always take
+their values from their own group, so that their ratios stay paired.
 """
 
 from __future__ import annotations
