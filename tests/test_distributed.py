@@ -333,8 +333,10 @@ def _accuracy(points):
     )
 
 
-def test_two_shards_in_parallel_then_merge_computes_nothing(ckpt, demo_small, tmp_path):
+def test_two_shards_in_parallel_then_merge_recomputes_nothing(ckpt, demo_small, tmp_path):
     from fixres_deploy.sweep.config import PipelineConfig, read_config
+    from fixres_deploy.sweep.shard import TIMING_STAGES
+    from fixres_deploy.sweep.store import ResultStore
     from fixres_deploy.sweep.sweep import run_sweep
 
     store = tmp_path / "shared_store"
@@ -357,33 +359,55 @@ def test_two_shards_in_parallel_then_merge_computes_nothing(ckpt, demo_small, tm
         summaries.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(s["shard"][0] for s in summaries) == [0, 1] and all(s["store_misses"] > 0 for s in summaries)
     assert not (tmp_path / "out" / "sweep.json").exists()  # shards do not assemble
+    by_shards = {r["key"]: r["created"] for r in ResultStore(store).records()}
+    assert len(by_shards) == sum(s["store_misses"] for s in summaries)  # no stage computed twice
     pc = read_config(cfg_path, PipelineConfig)
     merged = run_sweep(pc.sweep, tmp_path / "merged")
-    assert merged.store_misses == 0 and merged.store_hits > 0
+    after = {r["key"]: (r["stage"], r["created"]) for r in ResultStore(store).records()}
+    new = {after[k][0] for k in after if k not in by_shards}
+    assert new <= set(TIMING_STAGES)  # the merge only times (competitors together, on this machine)
+    assert all(after[k][1] == c for k, c in by_shards.items())  # nothing recomputed
+    assert merged.store_hits >= len(by_shards)
     assert all(p.ok for p in merged.points) and len(merged.points) == 4
     ref_cfg = read_config(cfg_path, PipelineConfig, overrides={"sweep.store": str(tmp_path / "ref_store")}).sweep
     ref = run_sweep(ref_cfg, tmp_path / "ref")
     assert _accuracy(merged.points) == _accuracy(ref.points)
 
 
-def test_merge_refuses_latencies_from_two_machines(ckpt, demo_small, tmp_path, monkeypatch):
-    """Shards timed on two kinds of machine: the merge reuses them, the selection refuses to mix them."""
-    import fixres_deploy.sweep.sweep as sweep_mod
-    from fixres_deploy.choose.select import select_point
-    from fixres_deploy.sweep.config import PipelineConfig, SelectionConfig, read_config
+def _point(cpu: str, latency_ms: float, top1: float):
+    from fixres_deploy.fixres.evaluate import pack_bits
+    from fixres_deploy.sweep.points import SweepPoint
 
-    cfg_path = _sweep_toml(tmp_path / "sweep.toml", ckpt, demo_small, tmp_path / "store")
-    real = sweep_mod.machine_id()
-    for k, cpu in enumerate(["Machine A", "Machine B"]):
-        monkeypatch.setattr(sweep_mod, "machine_id", lambda cpu=cpu: dict(real, cpu=cpu))
-        cfg = read_config(cfg_path, PipelineConfig, overrides={"sweep.shard": f"{k}/2", "sweep.finetune": [False]})
-        sweep_mod.run_sweep(cfg.sweep, tmp_path / f"s{k}")
-    monkeypatch.setattr(sweep_mod, "machine_id", lambda: real)
-    cfg = read_config(cfg_path, PipelineConfig, overrides={"sweep.finetune": [False]})
-    merged = sweep_mod.run_sweep(cfg.sweep, tmp_path / "merged")
-    assert merged.store_misses == 0
-    assert sorted(p.machine["cpu"] for p in merged.points) == ["Machine A", "Machine B"]
-    with pytest.raises(UserInputError, match="2 different machines"):
-        select_point(merged.points, SelectionConfig())
-    assert select_point(merged.points, SelectionConfig(allow_mixed_machines=True)) is not None
-    assert np.isfinite([p.latency_p50_ms for p in merged.points]).all()
+    hits = np.arange(40) < int(top1 * 40)
+    return SweepPoint(
+        resolution=64,
+        precision="fp32",
+        backend="onnxruntime",
+        batch_size=1,
+        shape_mode="fixed",
+        finetuned=cpu == "B",
+        top1=top1,
+        top1_ci=[top1 - 0.1, top1 + 0.1],
+        n=40,
+        correct1_bits=pack_bits(hits),
+        latency_p50_ms=latency_ms,
+        latency_p90_ms=latency_ms,
+        latency_p99_ms=latency_ms,
+        latency_mean_ms=latency_ms,
+        latency_std_ms=0.01,
+        throughput_ips=1000 / latency_ms,
+        machine={"cpu": cpu, "cores": 2, "system": "Linux", "machine": "x86_64"},
+    )
+
+
+def test_selection_refuses_latencies_from_two_machines():
+    from fixres_deploy.choose.select import select_point
+    from fixres_deploy.sweep.config import SelectionConfig
+
+    points = [_point("A", 1.0, 0.8), _point("B", 2.0, 0.9)]
+    with pytest.raises(UserInputError, match="2 different machines") as exc:
+        select_point(points, SelectionConfig())
+    assert "A x2" in str(exc.value) and "--allow-mixed-machines" in str(exc.value)
+    assert select_point(points, SelectionConfig(allow_mixed_machines=True)) is not None
+    same = [_point("A", 1.0, 0.8), _point("A", 2.0, 0.9)]
+    assert select_point(same, SelectionConfig()) is not None

@@ -501,6 +501,7 @@ COMMAND_MODULES = [
         "fixres_deploy.cli.sweep",  # sweep, select, report, run
         "fixres_deploy.cli.ship",  # bundle, predict, triton
         "fixres_deploy.cli.store",  # store check, store gc
+        "fixres_deploy.cli.serve",  # export-multires, serve
     )
     if importlib.util.find_spec(name) is not None
 ]

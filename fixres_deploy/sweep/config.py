@@ -259,11 +259,20 @@ class SweepConfig(_Checked):
         example='shard = "0/4"',
         validator=_check_shard,
     )
+    tensorrt_int8_prediction: bool = option(
+        True,
+        "when int8 is swept, also measure the TensorRT-flavored int8 graph's top-1 on ONNX Runtime CPU "
+        "(TensorRT int8 accuracy predicted before any GPU build)",
+        flag="--no-tensorrt-int8-prediction",
+    )
     max_pixels: int | None = option(
         None,
         "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
         example="max_pixels = 50000000",
         minimum=1,
+    )
+    diagnostic_images: int = option(
+        200, "held-out images for the FixRes diagnostic (pooled features per resolution); 0: skip it", minimum=0
     )
 
     def __post_init__(self) -> None:

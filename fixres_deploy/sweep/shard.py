@@ -3,32 +3,37 @@
 ``--shard K/N`` (``[sweep] shard = "K/N"``) makes a sweep compute only its share of the grid
 into a shared result store and stop (no sweep.json, no selection, no report). The share is
 deterministic: the grid cells — one per (resolution, fine-tuned or not), each holding every
-stage downstream of that model (fine-tune, export, variants, engines, accuracy, latency) — are
+stage downstream of that model (fine-tune, export, variants, engines, accuracy, diagnostics) — are
 ordered by a hash of their key and dealt round-robin, so every shard computes the same split
 without talking to the others and no stage is computed by two shards. Afterwards the same
 command without ``--shard`` finds every record in the store and assembles the sweep with zero
-recomputation (``store_misses == 0``).
+recomputation: it computes only the timing stages (the machine's peak, and the latency groups
+in which all competing engines are timed together, interleaved — see
+:mod:`fixres_deploy.sweep.latency_groups`), which by design run in one process on the machine
+the selection is for. :func:`merge_note` logs both counts.
 
 ``--shard auto`` reads the launcher's environment: torchrun's RANK/WORLD_SIZE, a Slurm array
 (SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT, or SLURM_ARRAY_TASK_MIN/MAX), or a
 Kubernetes indexed Job (JOB_COMPLETION_INDEX with the count from FIXRES_SHARD_COUNT).
 
-Latency depends on the machine, which is part of the latency records' keys. Each shard leaves
-a manifest (``STORE/shards/<sweep>/K-of-N.json``) naming its machine; the merge accepts latency
-records of those machines and every point carries the machine key it was timed on, so the
-selection can refuse to compare latencies from different kinds of machine
-(:func:`check_one_machine`) unless ``allow_mixed_machines`` is set.
+Each shard leaves a manifest (``STORE/shards/<sweep>/K-of-N.json``) naming its machine. Every
+point carries the machine key its latency was timed on, and the selection refuses to compare
+latencies from different kinds of machine (:func:`check_one_machine`) unless
+``allow_mixed_machines`` is set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fixres_deploy.core.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "fixres-deploy/sweep-shard"
 MANIFEST_SCHEMA_VERSION = 1
@@ -146,36 +151,45 @@ def write_manifest(
     return write_json(path, stamp(doc, MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION))
 
 
-def shard_machines(store_root: str | os.PathLike, config: dict) -> list[dict]:
-    """The machines the finished shards of this sweep ran on (distinct, in file order)."""
+TIMING_STAGES = ("peak", "latency_group", "latency")  # measured by the merge: competitors timed together
+
+
+def shard_manifests(store_root: str | os.PathLike, config: dict) -> list[dict]:
+    """The manifests of this sweep's finished shards."""
     from fixres_deploy.core.schema import check_schema
     from fixres_deploy.core.utils import read_json
 
-    out: list[dict] = []
     folder = _manifest_dir(store_root, config)
-    for path in sorted(folder.glob("*-of-*.json")) if folder.is_dir() else []:
-        doc = check_schema(read_json(path), MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, path, "re-run that shard")
-        if doc["machine"] not in out:
-            out.append(doc["machine"])
-    return out
+    paths = sorted(folder.glob("*-of-*.json")) if folder.is_dir() else []
+    return [check_schema(read_json(p), MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, p, "re-run that shard") for p in paths]
 
 
-def reuse_from_shards(store, stage: str, inputs: dict, machines: Sequence[dict]) -> dict | None:
-    """The successful record of ``stage`` with ``inputs`` but timed on one of the shards' machines.
+def merge_note(store, config: dict) -> dict | None:
+    """After an unsharded run: how it used the shards' work (logged; None when there were no shards).
 
-    None when this machine's own record exists (the caller's ``store.run`` returns it) or no
-    shard machine has one. Counts as a store hit.
+    ``recomputed`` counts stages of the shards' kind (everything but the timing stages) that
+    this run computed: 0 when the shards covered the grid.
     """
-    if not machines or store.get(store.key(stage, inputs)) is not None:
+    manifests = shard_manifests(store.root, config)
+    if not manifests:
         return None
-    for machine in machines:
-        if machine == inputs.get("machine"):
-            continue
-        rec = store.get(store.key(stage, dict(inputs, machine=machine)))
-        if rec is not None and not rec.get("error") and not store.verify(rec):
-            store.hits += 1
-            return rec
-    return None
+    recomputed = sum(n for stage, n in store.computed.items() if stage not in TIMING_STAGES)
+    timed = {stage: n for stage, n in store.computed.items() if stage in TIMING_STAGES}
+    note = {
+        "shards": sorted(tuple(m["shard"]) for m in manifests),
+        "reused": store.hits,
+        "recomputed": recomputed,
+        "timed_here": timed,
+    }
+    log.info(
+        "assembled from %d shard(s): %d stage results reused, %d recomputed; timed here (competing engines "
+        "together on this machine): %s",
+        len(manifests),
+        store.hits,
+        recomputed,
+        ", ".join(f"{n} {s}" for s, n in timed.items()) or "nothing",
+    )
+    return note
 
 
 def shard_summary(cfg, out: str, computed: int, reused: int, seconds: float) -> dict:
@@ -188,7 +202,7 @@ def shard_summary(cfg, out: str, computed: int, reused: int, seconds: float) -> 
         "store_hits": reused,
         "seconds": seconds,
         "reason": f"shard {k}/{n}: {computed} stages computed, {reused} reused; when every shard has finished, "
-        "run the same command without --shard to assemble the sweep (0 stages recomputed)",
+        "run the same command without --shard: it reuses these stages and times the competing engines together",
     }
 
 

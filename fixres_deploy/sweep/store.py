@@ -115,6 +115,7 @@ class ResultStore:
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self.computed: dict[str, int] = {}  # stage -> records computed by this process
         if clean_orphans:
             removed = self.orphans(remove=True)
             if removed:
@@ -259,6 +260,7 @@ class ResultStore:
             self.hits += 1
             return rec, True
         self.misses += 1
+        self.computed[stage] = self.computed.get(stage, 0) + 1
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.{os.getpid()}.", dir=self.root / "artifacts"))
         try:
             return self._compute(key, stage, inputs, fn, tmp_dir), False
