@@ -109,7 +109,9 @@ def main(argv=None) -> int:
             so = ort.SessionOptions()
             so.log_severity_level = 3
             so.graph_optimization_level = (
-                ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "disable" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                if level == "disable"
+                else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             )
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             t = time.perf_counter()
