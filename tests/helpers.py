@@ -34,3 +34,26 @@ def torch_logits(model, x: np.ndarray) -> np.ndarray:
 
     with torch.inference_mode():
         return model(torch.from_numpy(x)).numpy()
+
+
+def fixres_checkpoints(demo: dict, out_dir, resolutions, *, epochs: int = 1) -> list[str]:
+    """FixRes checkpoints of the demo base model at ``resolutions`` (fine-tuned on its train split)."""
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.data.folders import class_balanced_subset, index_image_folder
+    from fixres_deploy.fixres.finetune import FinetuneOptions, finetune_resolutions
+    from fixres_deploy.models.registry import load_model
+
+    loaded = load_model(None, None, demo["checkpoint"])
+    train = class_balanced_subset(index_image_folder(demo["train"]), 24)
+    val = class_balanced_subset(index_image_folder(demo["val"]), 8)
+    cfg = PreprocessConfig.from_dict(loaded.preprocess) if loaded.preprocess else PreprocessConfig(64, 64)
+    results = finetune_resolutions(
+        loaded,
+        train,
+        val,
+        cfg,
+        list(resolutions),
+        out_dir=out_dir,
+        opts=FinetuneOptions(epochs=epochs, batch_size=32, lr=0.02, workers=0),
+    )
+    return [r.checkpoint for r in results]

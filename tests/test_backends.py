@@ -197,7 +197,7 @@ def test_failed_ort_build_is_recorded_not_raised(tmp_path):
 
 
 def test_provider_and_option_errors(exported, tmp_path):
-    with pytest.raises(MissingDependencyError, match=r"fixres-deploy\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"fixres-deploy\[ort-gpu\]"):
         build_engine(
             "onnxruntime",
             exported.onnx,
@@ -239,11 +239,16 @@ def test_missing_libraries_name_the_extra(exported, tmp_path, monkeypatch):
 
     for name in ("tensorrt", "tensorrt_bindings"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    with pytest.raises(MissingDependencyError, match=r"pip install 'fixres-deploy\[gpu\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fixres-deploy\[gpu-cu12\]'.*gpu-cu13"):
         build_engine("tensorrt", exported.onnx, ShapeSpec.fixed(1, RES), out_dir=str(tmp_path))
+    monkeypatch.setitem(sys.modules, "polygraphy.backend.trt", None)
+    with pytest.raises(MissingDependencyError, match=r"polygraphy.*fixres-deploy\[gpu-cu12\]"):
+        from fixres_deploy.backends.tensorrt_backend import import_polygraphy
+
+        import_polygraphy()
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(MissingDependencyError, match=r"cuda-python.*fixres-deploy\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"cuda-python.*fixres-deploy\[gpu-cu12\]"):
         cuda_utils.import_cudart()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingDependencyError, match=r"fixres-deploy\[cpu\]"):

@@ -29,9 +29,11 @@ from fixres_deploy.measure.bench import (
     BenchReport,
     LatencyConfig,
     LatencyResult,
+    RoundsResult,
     measure_interleaved,
     measure_latency,
     measure_peak_gflops,
+    measure_rounds,
 )
 
 BATCH = np.zeros((2, 3, 8, 8), dtype=np.float32)
@@ -183,21 +185,65 @@ def test_config_validation_and_presets():
     assert q.budget_s < LatencyConfig().budget_s < t.budget_s and t.repeats == 7
 
 
-def test_interleaved_round_robin_order_and_ratios(clock):
-    log: list[str] = []
-    a, b = SleepRunner(0.001, "A", log), SleepRunner(0.004, "B", log)
-    cfg = _cfg(warmup_iters=3, min_iters=3, max_iters=3, repeats=3, rewarm_iters=2)
-    ra, rb = measure_interleaved([(a, BATCH), (b, BATCH)], cfg)
-    runs = []
+def _chunks(log: list[str]) -> list[list]:
+    runs: list[list] = []
     for name in log:
         if runs and runs[-1][0] == name:
             runs[-1][1] += 1
         else:
             runs.append([name, 1])
-    # warm-up A, B; then per repeat A then B, each chunk after a re-warm-up of 2 calls
-    assert runs == [["A", 3], ["B", 3], ["A", 3], ["B", 5], ["A", 5], ["B", 5], ["A", 5], ["B", 5]]
-    assert ra.name == "A" and rb.name == "B" and ra.iters == rb.iters == 9
-    assert rb.latency_p50_ms / ra.latency_p50_ms == pytest.approx(4.0)
+    return runs
+
+
+def test_interleaved_rounds_every_engine_once_per_round_in_shuffled_order(clock):
+    log: list[str] = []
+    runners = [SleepRunner(0.001 * (k + 1), name, log) for k, name in enumerate("ABC")]
+    cfg = _cfg(warmup_iters=3, min_iters=3, max_iters=3, repeats=6, rewarm_iters=2, seed=3)
+    rr = measure_rounds([(r, BATCH) for r in runners], cfg)
+    # warm-up A, B, C; then per round each engine once, in that round's order: one chunk of 3
+    # timed calls after a re-warm-up of 2 (except the very first chunk, which follows the warm-ups)
+    assert len(rr.order) == 6 and all(sorted(o) == [0, 1, 2] for o in rr.order)
+    expected = ["A"] * 3 + ["B"] * 3 + ["C"] * 3
+    for k, order in enumerate(rr.order):
+        for pos, i in enumerate(order):
+            expected += ["ABC"[i]] * (3 if k == pos == 0 else 5)
+    assert log == expected
+    assert len({tuple(o) for o in rr.order}) > 1  # shuffled, not round robin
+    # the same seed gives the same plan; the values are the runners' sleeps, per round
+    again = measure_rounds([(r, BATCH) for r in runners], cfg)
+    assert again.order == rr.order
+    assert rr.per_round(2, "p50") == pytest.approx([3.0] * 6) and rr.per_round(0, "mean") == pytest.approx([1.0] * 6)
+    ra, _rb, rc = rr.results
+    assert rc.latency_p50_ms / ra.latency_p50_ms == pytest.approx(3.0) and ra.iters == 18 and ra.repeats == 6
+    assert measure_interleaved([(r, BATCH) for r in runners], cfg)[1].latency_p50_ms == pytest.approx(2.0)
+
+
+def test_rounds_result_saves_and_refuses_another_version(clock, tmp_path):
+    rr = measure_rounds([(SleepRunner(0.001, "A"), BATCH), (SleepRunner(0.002, "B"), BATCH)], _cfg(repeats=3))
+    path = rr.save(tmp_path / "rounds.json")
+    back = RoundsResult.load(path)
+    assert back.order == rr.order and back.round_ms == rr.round_ms and back.results[1].name == "B"
+    doc = json.loads(open(path).read())
+    doc["schema_version"] = 99
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    with pytest.raises(UserInputError, match="schema_version 99"):
+        RoundsResult.load(tmp_path / "old.json")
+
+
+def test_a_contended_round_is_run_again_as_a_whole(clock, monkeypatch):
+    """Contention in one engine's chunk re-runs the whole round: both values of a pair share conditions."""
+    monkeypatch.setattr(sysload, "LoadMonitor", ScriptedLoad)
+    # round 1: A quiet, B contended -> re-run (A, B quiet); round 2 quiet; round 3: contended, budget used up
+    monkeypatch.setattr(ScriptedLoad, "loads", [0.1, 1.5, 0.1, 0.2, 0.1, 0.1, 0.9, 0.1])
+    log: list[str] = []
+    cfg = _cfg(
+        check_load=True, repeats=3, contention_threshold=0.5, remeasure_if_contended=1, remeasure_wait_s=0.1, seed=0
+    )
+    rr = measure_rounds([(SleepRunner(0.001, "A", log), BATCH), (SleepRunner(0.002, "B", log), BATCH)], cfg)
+    assert ScriptedLoad.loads == []  # 4 rounds of 2 monitored chunks
+    assert rr.rerun_rounds == 1 and rr.contended_rounds == 1 and rr.rounds == 3
+    assert rr.round_load == pytest.approx([0.2, 0.1, 0.9])
+    assert all(r.remeasured == 1 for r in rr.results) and sum(r.contended for r in rr.results) == 1
 
 
 def test_gpu_timing_hook_protocol():
@@ -215,7 +261,10 @@ def test_gpu_timing_hook_protocol():
     assert g["calls"] == 10 and g["cuda_graph"] is True
     assert g["h2d_ms"] == pytest.approx(0.1) and g["d2h_ms"] == pytest.approx(0.05)
     assert g["compute_ms"] in (1.0, 1.5, 2.0)
-    assert measure_latency(SleepRunner(0.0), BATCH, _cfg()).gpu_timing is None
+    # device latency: p50 of h2d + compute + d2h per call, beside the host p50
+    assert min(abs(res.latency_device_p50_ms - v) for v in (1.15, 1.65, 2.15)) < 1e-9
+    plain = measure_latency(SleepRunner(0.0), BATCH, _cfg())
+    assert plain.gpu_timing is None and plain.latency_device_p50_ms is None
 
 
 @pytest.mark.gpu

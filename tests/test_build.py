@@ -143,7 +143,7 @@ def test_fp16_int8_variants_and_failing_backend(model_onnx, tmp_path):
         for p in ("fp16", "int8"):
             t = by_name[f"tensorrt_{p}_r64_b8"]
             assert t["path"] is None and t["error_type"] == "MissingDependencyError"
-            assert "fixres-deploy[gpu]" in t["error"] and t["error"].startswith("MissingDependencyError")
+            assert "fixres-deploy[gpu-cu12]" in t["error"] and t["error"].startswith("MissingDependencyError")
     assert len(index.ok) == 2 or _tensorrt_installed()
 
     # The variants: fp16 graph and int8 Q/DQ, each with path + sha256; the engines reference them.
@@ -316,7 +316,7 @@ def test_cli_contract(model_onnx, tmp_path, capsys):
         )
         captured = capsys.readouterr()
         assert rc == 1
-        assert "tensorrt_fp32_dynamic" in captured.err and "fixres-deploy[gpu]" in captured.err
+        assert "tensorrt_fp32_dynamic" in captured.err and "fixres-deploy[gpu-cu12]" in captured.err
         assert "0/2 engines built" in captured.out
     rc = main(
         ["build", "--onnx", model_onnx.onnx, "--precision", "int8", "--resolutions", "64", "--out", str(tmp_path / "x")]

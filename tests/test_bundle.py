@@ -114,7 +114,7 @@ def good_bundle(tmp_path, onnx_file, cfg):
 def test_manifest_content_and_round_trip(good_bundle, onnx_file, cfg):
     out, manifest = good_bundle
     d = json.load(open(os.path.join(out, "manifest.json")))
-    assert d["format"] == "fixres-deploy/bundle" and d["schema_version"] == 2
+    assert d["format"] == "fixres-deploy/bundle" and d["schema_version"] == 3 and d["multires"] is None
     assert d["preprocess"] == cfg.to_dict()  # the EXACT preprocessing, derived fields included
     assert d["resolution"] == RES and d["precision"] == "fp32" and d["backend"] == "onnxruntime"
     assert d["shape_mode"] == "dynamic" and d["profiles"][0]["max"] == [8, 3, RES, RES]
@@ -234,7 +234,7 @@ def test_tampered_bundles_refused(good_bundle, tmp_path, capsys):
     d["schema_version"] = 99
     json.dump(d, open(mp, "w"))
     rep = verify_bundle(b6)
-    assert not rep.ok and "schema_version 99" in rep.problems[0] and "reads schema_version 2" in rep.problems[0]
+    assert not rep.ok and "schema_version 99" in rep.problems[0] and "reads schema_version 3" in rep.problems[0]
     with pytest.raises(BundleError, match="Rebundle"):
         load_manifest(b6)
 

@@ -54,6 +54,9 @@ BAD_TOML = [
     ("[data]\nval_fraction = 1.5", ["[data] val_fraction", "between 0 and 1"]),
     ("[output]\nbundle = 1", ["[output] bundle", "true or false"]),
     ("schema_version = 2", ["schema_version 2", "schema_version 1"]),
+    ('[sweep]\nshard = "4/4"', ["[sweep] shard", "0 <= K < N"]),
+    ('[sweep]\nshard = "first"', ["[sweep] shard", "expected K/N", '"auto"']),
+    ("[select]\nallow_mixed_machines = 1", ["[select] allow_mixed_machines", "true or false"]),
 ]
 
 

@@ -150,3 +150,61 @@ def test_non_cacheable_augmentation_uses_naive_loop(small_train):
     model.eval()
     stats = fixres_finetune(model, small_train, cfg, FinetuneOptions(epochs=1, augmentation="test2", workers=0))
     assert stats.mode == "naive" and stats.steps > 0
+
+
+def test_efficientnet_lite0_cache_size_and_cached_finetune(small_train):
+    """efficientnet_lite0's tail needs x.size(0) (an int): the cut recomputes it, the cache holds tensors only."""
+    from fixres_deploy.fixres.finetune import _estimate_cache_bytes
+
+    torch.manual_seed(0)
+    model, _, _ = build_model("fixres:efficientnet_lite0", 10)
+    model.eval()
+    mods = discover_fixres_modules(model)
+    split = TailSplit(model, mods.bn_names)
+    x = torch.randn(3, 3, 64, 64)
+    per_image = _estimate_cache_bytes(split.trunk, x)
+    assert per_image == 1280 * 2 * 2 * 4  # the one cached tensor: 1280 channels at 2x2, fp32
+    assert _estimate_cache_bytes(split.trunk, x, "fp16") == per_image // 2
+    with torch.no_grad():  # the tail runs at another batch size than the trunk's probe
+        assert torch.allclose(split.tail(*[t[:2] for t in split.trunk(x)]), model(x[:2]), atol=1e-5)
+    stats = fixres_finetune(
+        model, small_train, PreprocessConfig(test_input_size=64), FinetuneOptions(epochs=1, batch_size=32, workers=0)
+    )
+    assert stats.mode == "cached" and stats.steps > 0
+
+
+def test_cache_over_budget_streams_and_says_so(small_train, caplog):
+    cfg = PreprocessConfig(test_input_size=64)
+    torch.manual_seed(0)
+    base, _, _ = build_model("fixres:tiny_resnet", 10)
+    base.eval()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    opts = dict(epochs=1, batch_size=32, lr=0.05, workers=0)
+    with caplog.at_level("WARNING"):
+        sa = fixres_finetune(a, small_train, cfg, FinetuneOptions(cache_budget_gb=1e-6, **opts))
+    assert sa.mode == "naive" and "over the" in sa.cache_note and "streaming" in caplog.text
+    sb = fixres_finetune(b, small_train, cfg, FinetuneOptions(**opts))
+    assert sb.mode == "cached" and sb.cache_note == ""
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-4, rtol=1e-3), k
+
+
+def test_fp16_and_disk_cache(small_train, tmp_path):
+    """On disk (memory-mapped, per rank) equals in memory; fp16 halves the bytes and stays close."""
+    cfg = PreprocessConfig(test_input_size=64)
+    torch.manual_seed(0)
+    base, _, _ = build_model("fixres:tiny_resnet", 10)
+    base.eval()
+    models = [copy.deepcopy(base) for _ in range(3)]
+    opts = dict(epochs=1, batch_size=32, lr=0.05, workers=0)
+    s_mem = fixres_finetune(models[0], small_train, cfg, FinetuneOptions(**opts))
+    s_disk = fixres_finetune(models[1], small_train, cfg, FinetuneOptions(cache_dir=str(tmp_path), **opts))
+    s_half = fixres_finetune(models[2], small_train, cfg, FinetuneOptions(cache_dtype="fp16", **opts))
+    assert list((tmp_path / "rank0").glob("frontier*.fp32.npy"))
+    assert s_disk.cache_bytes == s_mem.cache_bytes and s_half.cache_bytes * 2 == s_mem.cache_bytes
+    sd = [m.state_dict() for m in models]
+    for k in sd[0]:
+        assert torch.equal(sd[0][k], sd[1][k]), k
+        assert torch.allclose(sd[0][k].float(), sd[2][k].float(), atol=1e-2, rtol=1e-2), k
+    with pytest.raises(UserInputError, match="cache_dtype"):
+        fixres_finetune(models[0], small_train, cfg, FinetuneOptions(cache_dtype="int8", **opts))

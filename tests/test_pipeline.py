@@ -68,7 +68,19 @@ def test_demo_end_to_end_reduced(demo_trained):
     assert main(["demo", "--out", out, "--size", "test", "--json"]) == 0
     rep = json.loads(open(os.path.join(out, "report.json")).read())
     assert os.path.exists(os.path.join(out, "report.md"))
-    assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 3
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
+        "accuracy_latency.png",
+        "accuracy_vs_resolution.png",
+        "latency_vs_resolution.png",
+        "pooled_features.png",
+    ]
+    # competitors timed in interleaved rounds: the choice against naive comes with a paired interval
+    vs = rep["latency_ratios"]["selected_vs_naive"]
+    if vs["selected"] != vs["naive"]:
+        assert (
+            vs["speedup"]["rounds"] >= 3 and vs["speedup"]["ci"][0] <= vs["speedup"]["ratio"] <= vs["speedup"]["ci"][1]
+        )
+    assert [r["resolution"] for r in rep["diagnostics"]["resolutions"]] == [64, 96]
     manifest = json.loads(open(os.path.join(out, "bundle", "manifest.json")).read())
     chosen = rep["points"][rep["selected"]]
     assert manifest["preprocess"]["test_input_size"] == chosen["resolution"]

@@ -115,6 +115,14 @@ def test_int8_flavors_accuracy_and_graph_contract(setup, flavor):
     if flavor == "tensorrt":
         assert all(z.dtype == np.int8 and not z.any() for z in zps)
         assert P.check_tensorrt_qdq(v.path) == []
+        # float parts in fp16 (scales included) with fp32 I/O: TensorRT's strongly typed build
+        # then runs the non-quantized layers in fp16, not fp32
+        from fixres_deploy.precision.qdq_fp16 import is_fp16_qdq
+
+        assert v.meta["float_parts"] == "fp16" and is_fp16_qdq(v.path)
+        assert all(consts[n.input[1]].dtype == np.float16 for n in qdq)
+        sess = P._session(v.path)
+        assert [i.type for i in sess.get_inputs()] == [o.type for o in sess.get_outputs()] == ["tensor(float)"]
     else:
         assert all(z.dtype == np.uint8 for z in act_zps) and any(z.any() for z in act_zps)
         problems = P.check_tensorrt_qdq(v.path)
@@ -128,7 +136,7 @@ def test_int8_flavors_accuracy_and_graph_contract(setup, flavor):
     for name in floats:
         node = nodes[name]
         assert node.op_type in ("Conv", "Gemm")
-        assert consts[node.input[1]].dtype == np.float32
+        assert consts[node.input[1]].dtype == (np.float16 if flavor == "tensorrt" else np.float32)
         assert node.input[0] not in producers or producers[node.input[0]].op_type != "DequantizeLinear"
     # with no float layers, the first conv is quantized
     allq = P.quantize_int8(
@@ -144,6 +152,49 @@ def test_int8_flavors_accuracy_and_graph_contract(setup, flavor):
     first = next(n for n in m2.graph.node if n.name == floats[0])
     assert producers2[first.input[1]].op_type == "DequantizeLinear"
     assert allq.calibration["cache_hit"]  # same ranges: float layers do not change calibration
+
+
+def test_lift_tiny_scales_keeps_dequantized_weights():
+    """Scales below fp16's normal range are lifted; int8 weights behind them are re-quantized."""
+    from onnx import TensorProto, helper
+
+    from fixres_deploy.precision.qdq_fp16 import FP16_MIN_SCALE, lift_tiny_scales
+
+    q = np.array([[100, -50], [127, 3], [-128, 64]], dtype=np.int8)  # 3 output channels (axis 0)
+    scale = np.array([1e-6, 0.01, 3e-5], dtype=np.float32)
+    before = q.astype(np.float64) * scale[:, None]
+    act_scale = np.array(1e-7, dtype=np.float32)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["wf"], axis=0),
+        helper.make_node("QuantizeLinear", ["x", "a_scale", "a_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "a_scale", "a_zp"], ["xf"]),
+    ]
+    inits = [
+        numpy_helper.from_array(q, "w"),
+        numpy_helper.from_array(scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(3, np.int8), "w_zp"),
+        numpy_helper.from_array(act_scale, "a_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "a_zp"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [
+            helper.make_tensor_value_info("wf", TensorProto.FLOAT, [3, 2]),
+            helper.make_tensor_value_info("xf", TensorProto.FLOAT, [2]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    assert lift_tiny_scales(model) == 3  # two weight channels + the activation scale
+    c = _consts(model)
+    assert c["w_scale"][1] == np.float32(0.01) and (c["w_scale"] >= np.float32(FP16_MIN_SCALE)).all()
+    assert c["a_scale"] == np.float32(FP16_MIN_SCALE)
+    after = c["w"].astype(np.float64) * c["w_scale"].astype(np.float64)[:, None]
+    assert np.array_equal(c["w"][1], q[1])  # untouched channel
+    assert np.abs(after - before).max() <= FP16_MIN_SCALE / 2 + 1e-12  # values kept, on the coarser grid
+    assert np.float16(c["w_scale"]).min() > 0  # representable in fp16 now (no zero scale)
 
 
 def test_calibration_cache_is_reused(setup, tmp_path, monkeypatch):

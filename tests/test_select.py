@@ -143,3 +143,48 @@ def test_headline_figures(grid):
     assert grid[sp["point"]].top1 >= grid[0].top1 - 0.05
     assert sp["value"] == pytest.approx(10.0 / grid[sp["point"]].latency_p50_ms)
     assert sp["ci"][0] <= sp["value"] <= sp["ci"][1]
+
+
+def _timed(p: SweepPoint, index: int, rounds_ms, group: str = "g1") -> SweepPoint:
+    """Give a point per-round values of an interleaved latency group."""
+    rounds_ms = [float(v) for v in rounds_ms]
+    p.latency_p50_ms = float(np.median(rounds_ms))
+    p.latency_rounds = {"group": group, "index": index, "p50": rounds_ms, "p90": rounds_ms, "p99": rounds_ms}
+    p.latency_rounds["mean"] = rounds_ms
+    return p
+
+
+def test_paired_rounds_decide_latency_ties():
+    rng = np.random.default_rng(0)
+    drift = np.linspace(1.0, 2.0, 10)  # the machine slows down during the measurement
+    base = hits(0.8, 51)
+    accurate = base | hits(0.2, 52)
+    cfg = SelectionConfig(objective="min_latency")
+    # 2% faster in every round: the per-round interval excludes 1, so the faster point wins
+    # (the relative-tolerance rule alone would have called 2% a tie and taken the accurate one)
+    pts = [
+        _timed(point(96, "fp32", 10.0, accurate), 0, 10.0 * drift),
+        _timed(point(64, "fp32", 9.8, base), 1, 9.8 * drift * rng.uniform(0.998, 1.002, 10)),
+    ]
+    assert select_point(pts, cfg).selected == 1
+    # 10% faster on average but noisy round to round: the interval contains 1, a tie, the accurate one wins
+    noisy = 9.0 * drift * rng.choice([0.7, 1.3], size=10)
+    pts = [_timed(point(96, "fp32", 10.0, accurate), 0, 10.0 * drift), _timed(point(64, "fp32", 9.0, base), 1, noisy)]
+    assert select_point(pts, cfg).selected == 0
+    # the same two points timed in different groups are not paired: the spread rule decides
+    pts = [
+        _timed(point(96, "fp32", 10.0, accurate), 0, 10.0 * drift),
+        _timed(point(64, "fp32", 9.8, base), 0, 9.8 * drift, group="g2"),
+    ]
+    assert select_point(pts, cfg).selected == 0
+
+
+def test_headline_speedup_interval_from_paired_rounds(grid):
+    drift = np.linspace(1.0, 1.5, 8)
+    for i, p in enumerate(grid):
+        _timed(p, i, p.latency_p50_ms * drift * (1 + 0.01 * np.sin(np.arange(8) + i)))
+    h = headline_figures(grid, 0, SelectionConfig())
+    sp = h["iso_accuracy_speedup"]
+    assert sp["paired"] and sp["ci"][0] < sp["value"] < sp["ci"][1]
+    assert sp["value"] == pytest.approx(grid[0].latency_p50_ms / grid[sp["point"]].latency_p50_ms, rel=0.03)
+    assert sp["ci"][0] > 1.0  # resolved: faster than naive beyond the noise

@@ -15,8 +15,8 @@ FAST_LATENCY = {
     "warmup_s": 0.0,
     "min_iters": 3,
     "max_iters": 20,
-    "budget_s": 0.05,
-    "repeats": 1,
+    "budget_s": 0.06,
+    "repeats": 3,
     "remeasure_if_contended": 0,
     "check_load": False,
 }
@@ -55,6 +55,7 @@ def _cfg(ckpt, demo, out, **kw):
         exporter="torchscript",
         latency=FAST_LATENCY,
         store=str(out / "store"),
+        diagnostic_images=0,
     )
     base.update(kw)
     return SweepConfig(**base)
@@ -111,28 +112,32 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
 
     out = tmp_path / "sw"
     cfg = _cfg(small_ckpt, demo_small, out)
-    # 1. interrupted run: the 3rd latency measurement raises KeyboardInterrupt
+    # 1. interrupted run: the latency stage (after every engine is built) raises KeyboardInterrupt
     import fixres_deploy.measure.bench as bench
 
-    calls = {"n": 0}
-    orig = bench.measure_latency
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    monkeypatch.setattr(bench, "measure_latency", flaky)
+    monkeypatch.setattr(bench, "measure_rounds", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, out)
     assert not (out / "sweep.json").exists()
-    monkeypatch.setattr(bench, "measure_latency", orig)
-    # 2. resume: the two latency results measured before the interruption are reused
+    monkeypatch.undo()
+    # 2. resume: fine-tunes, exports, variants, engines and accuracies are reused
     first = run_sweep(cfg, out)
     assert len(first.points) == 2 * 2 * 2  # res x finetune x precision (x 1 batch x 1 mode)
     assert all(p.ok for p in first.points), [p.error for p in first.points]
-    assert first.store_hits >= 2 + 2  # fine-tunes/exports/variants + latencies from the first try
+    assert first.store_hits >= 2 + 2 + 2 + 8 + 8
+    # FixRes and base weights of one graph share one latency measurement (same record, same rounds)
+    by = {(p.resolution, p.precision, p.finetuned): p for p in first.points}
+    for res in (64, 96):
+        for prec in ("fp32", "int8"):
+            a, b = by[(res, prec, False)], by[(res, prec, True)]
+            assert a.key == b.key and a.latency_p50_ms == b.latency_p50_ms
+            assert a.latency_rounds["index"] == b.latency_rounds["index"] and a.top1 is not None
+    assert len({p.key for p in first.points}) == 4
+    [group] = first.latency_groups
+    assert group["members"] == 4 and group["points"] == 8 and group["rounds"] == FAST_LATENCY["repeats"]
     # 3. repeat: nothing is measured twice
     second = run_sweep(cfg, out)
     assert second.store_misses == 0
@@ -145,7 +150,7 @@ def test_sweep_resume_reuse_and_invalidation(tmp_path, small_ckpt, demo_small, m
     after = {s: sum(1 for _ in store.records(s)) for s in before}
     assert after["finetune"] == before["finetune"] and after["export"] == before["export"]
     assert after["variant"] == before["variant"]
-    assert after["latency"] == before["latency"] + 8
+    assert after["latency"] == before["latency"] + 4  # 4 graph structures at the new batch size
     assert len(third.points) == 16
     # sweep.json round-trips
     again = SweepResult.load(out / "sweep.json")
@@ -180,7 +185,7 @@ def test_sweep_refuses_an_unavailable_backend_before_any_work(tmp_path, small_ck
         pytest.skip("TensorRT is installed here")
     out = tmp_path / "sw"
     cfg = _cfg(small_ckpt, demo_small, out, backends=["onnxruntime", "tensorrt"], finetune=[False, True])
-    with pytest.raises(MissingDependencyError, match=r"tensorrt.*fixres-deploy\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"tensorrt.*fixres-deploy\[gpu-cu12\]"):
         run_sweep(cfg, out)
     assert not (out / "store").exists() or not any((out / "store" / "objects").iterdir())
 
@@ -192,11 +197,33 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     from fixres_deploy.ship.verify import verify_bundle
 
     out = tmp_path / "sw"
-    sweep = run_sweep(_cfg(small_ckpt, demo_small, out), out)
+    sweep = run_sweep(_cfg(small_ckpt, demo_small, out, diagnostic_images=20), out)
     rep = write_report(sweep, out)
     data = json.loads((out / "report.json").read_text())
     for key in ("points", "pareto", "selected", "reason", "iso_latency_gain", "iso_accuracy_speedup"):
         assert key in data
+    # TensorRT int8 accuracy predicted on CPU: one row per (resolution, fine-tune), the
+    # TensorRT-flavored graph, beside the ORT fp32 top-1 of the same model
+    pred = data["tensorrt_int8_prediction"]
+    assert sorted((r["resolution"], r["finetuned"]) for r in pred) == [(64, False), (64, True), (96, False), (96, True)]
+    for r in pred:
+        assert r["flavor"] == "s8s8_symmetric" and r["graph_optimization"] == "disable"
+        assert 0 <= r["top1"] <= 1 and r["fp32_top1"] is not None
+        assert r["drop_pts"] == round(100 * (r["fp32_top1"] - r["top1"]), 2)
+    assert "TensorRT int8 accuracy (predicted on CPU; latency needs TensorRT)" in (out / "report.md").read_text()
+    # ratios per round with intervals; the re-run count; the FixRes diagnostic per resolution
+    lr = data["latency_ratios"]
+    assert lr["stat"] == "p50" and len(lr["front_neighbours"]) == len(data["pareto"]) - 1
+    vs = lr["selected_vs_naive"]
+    if vs["naive"] != vs["selected"]:
+        assert vs["speedup"]["rounds"] == FAST_LATENCY["repeats"] and vs["speedup"]["ci"][0] <= vs["speedup"]["ci"][1]
+    assert data["rerun_rounds"] == 0 and data["latency_groups"][0]["rounds"] == FAST_LATENCY["repeats"]
+    diag = data["diagnostics"]
+    assert [r["resolution"] for r in diag["resolutions"]] == [64, 96] and diag["images"] == 20
+    for row in diag["resolutions"]:
+        assert 0.0 <= row["base"]["zero_fraction"] <= 1.0 and row["finetuned"] and row["bn_shift"]
+    md = (out / "report.md").read_text()
+    assert "Why FixRes works" in md and "pooled_features.png" in md and "Latency ratios" in md
     p = data["points"][data["selected"]]
     for key in (
         "resolution",
@@ -214,7 +241,9 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
         assert key in p
     assert all(0 <= i < len(data["points"]) for i in data["pareto"])
     assert (out / "report.md").exists() and all(os.path.exists(v) for v in rep["plots"].values())
-    assert len(rep["plots"]) == 3
+    assert sorted(rep["plots"]) == sorted(
+        ["accuracy_vs_resolution", "latency_vs_resolution", "accuracy_latency", "pooled_features"]
+    )
     # regenerable from sweep.json without measuring
     assert main(["report", "--sweep", str(out / "sweep.json"), "--out", str(tmp_path / "r2"), "--json"]) == 0
     again = json.loads((tmp_path / "r2" / "report.json").read_text())
@@ -226,3 +255,32 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     assert manifest["preprocess"]["test_input_size"] == p["resolution"]
     # select with a constraint nothing meets: a clear message, exit code 2
     assert main(["select", "--sweep", str(out / "sweep.json"), "--latency-budget-ms", "0.000001"]) == 2
+
+
+def test_latency_record_shared_by_two_checkpoints_of_one_architecture(tmp_path, small_ckpt, demo_small):
+    """Other weights, same graph: the second sweep finds the latency; accuracy is measured anew."""
+    import torch
+
+    torch.manual_seed(1)
+    other_model, _, _ = build_model("fixres:tiny_resnet", 10)
+    other = tmp_path / "other.pt"
+    save_checkpoint(
+        other,
+        other_model,
+        spec="fixres:tiny_resnet",
+        num_classes=10,
+        class_names=sorted(os.listdir(f"{demo_small}/train")),
+        preprocess={"test_input_size": 64, "train_input_size": 64},
+    )
+    store_dir = tmp_path / "store"
+    kw = dict(finetune=[False], resolutions=[64], store=str(store_dir))
+    first = run_sweep(_cfg(small_ckpt, demo_small, tmp_path / "a", **kw), tmp_path / "a")
+    store = ResultStore(store_dir)
+    counts = {s: sum(1 for _ in store.records(s)) for s in ("latency", "latency_group", "accuracy")}
+    assert counts == {"latency": 2, "latency_group": 1, "accuracy": 2}  # fp32 and int8
+    second = run_sweep(_cfg(str(other), demo_small, tmp_path / "b", **kw), tmp_path / "b")
+    after = {s: sum(1 for _ in store.records(s)) for s in counts}
+    assert after == {"latency": 2, "latency_group": 1, "accuracy": 4}
+    assert [p.key for p in second.points] == [p.key for p in first.points]
+    assert [p.latency_p50_ms for p in second.points] == [p.latency_p50_ms for p in first.points]
+    assert [p.correct1_bits for p in second.points] != [p.correct1_bits for p in first.points]

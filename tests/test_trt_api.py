@@ -1,6 +1,7 @@
 """The TensorRT backend against the REAL TensorRT 10.x and 11.x Python bindings, without a GPU.
 
-How: the binding wheels (``tensorrt-cu12-bindings==10.16.1.11``, ``tensorrt-cu13-bindings==11.4.0.106``)
+How: the binding wheels of the lowest TensorRT the project claims, the newest 10.x and the newest
+11.x (``WHEELS``: tensorrt-cu12-bindings 10.0.1 and 10.16.1.11, tensorrt-cu13-bindings 11.4.0.106)
 are pip-installed with ``--no-deps --target`` into a cache folder (once); their ``tensorrt.so``
 needs libnvinfer / libnvonnxparser / libnvinfer_plugin by soname, so stub libraries with those
 sonames (tests/trt_stub/nvinfer_stub.c, every factory returns NULL) are compiled with the
@@ -16,7 +17,9 @@ The list of names is DERIVED from the backend's source by AST, so it cannot drif
   in the docstrings (all overloads);
 * chains on ``cudart`` in the backend and cuda_utils, against cuda-python (installed here).
 Names in ``VERSION_GATED`` must exist exactly in the versions declared there, and must be
-reached only behind a ``hasattr`` check.
+reached only behind a ``hasattr`` check. Polygraphy's own calls into TensorRT are exercised as far
+as the stubs allow: its ``CreateConfig`` runs on a recording builder/config with the real enums,
+and its network and engine loaders up to the nullptr from the stub's ``createInferBuilder``.
 
 Cache folder: ``$FIXRES_TRT_BINDINGS_CACHE`` or ``~/.cache/fixres-deploy/trt-bindings/``.
 Run: ``pytest -m trt_api tests/test_trt_api.py``.
@@ -45,7 +48,21 @@ STUB_DIR = Path(__file__).resolve().parent / "trt_stub"
 STUB_SRC = STUB_DIR / "nvinfer_stub.c"
 PROBE = STUB_DIR / "probe.py"
 STUB_LIBS = ("nvinfer", "nvinfer_plugin", "nvonnxparser")
-WHEELS = {10: ("tensorrt-cu12-bindings", "10.16.1.11"), 11: ("tensorrt-cu13-bindings", "11.4.0.106")}
+# version -> bindings wheel: lowest claimed (pyproject: >=10.0.1), newest 10.x, newest 11.x.
+WHEELS = {
+    "10.0.1": "tensorrt-cu12-bindings",
+    "10.16.1.11": "tensorrt-cu12-bindings",
+    "11.4.0.106": "tensorrt-cu13-bindings",
+}
+VERSIONS = list(WHEELS)
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def _vt(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
 
 
 def cache_root() -> Path:
@@ -61,9 +78,9 @@ def _installed(site: Path, version: str) -> bool:
     return init.is_file() and f'__version__ = "{version}"' in init.read_text(encoding="utf-8", errors="replace")
 
 
-def install_bindings(major: int) -> Path:
-    """The bindings wheel of ``major`` in the cache (pip-installed once); pytest.skip if PyPI is unreachable."""
-    package, version = WHEELS[major]
+def install_bindings(version: str) -> Path:
+    """The bindings wheel of ``version`` in the cache (pip-installed once); pytest.skip if PyPI is unreachable."""
+    package = WHEELS[version]
     site = cache_root() / version
     if _installed(site, version):
         return site
@@ -261,19 +278,20 @@ def probe_inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reports(requirements, backend, probe_inputs, tmp_path_factory):
-    """{major: probe report} from one subprocess per TensorRT version."""
+    """{version: probe report} from one subprocess per TensorRT version."""
     out = {}
-    for major in sorted(WHEELS):
-        site = install_bindings(major)
-        libs = build_stubs(major)
+    for version in VERSIONS:
+        site = install_bindings(version)
+        libs = build_stubs(_major(version))
         request = {
             **requirements,
             **probe_inputs,
             "site": str(site),
             "stub_libs": libs,
             "members": [list(m) for m in requirements["members"]],
+            "gated": sorted(backend.VERSION_GATED),
         }
-        req_path = tmp_path_factory.mktemp(f"trt{major}") / "request.json"
+        req_path = tmp_path_factory.mktemp(f"trt{version}") / "request.json"
         req_path.write_text(json.dumps(request))
         env = {
             **os.environ,
@@ -283,10 +301,10 @@ def reports(requirements, backend, probe_inputs, tmp_path_factory):
         res = subprocess.run(
             [sys.executable, str(PROBE), str(req_path)], capture_output=True, text=True, timeout=300, env=env
         )
-        assert res.returncode == 0, f"probe for TensorRT {major} crashed (rc {res.returncode}): {res.stderr[-2000:]}"
+        assert res.returncode == 0, f"probe for TensorRT {version} crashed (rc {res.returncode}): {res.stderr[-2000:]}"
         report = json.loads(res.stdout.strip().splitlines()[-1])
         assert "fatal" not in report, report.get("fatal")
-        out[major] = report
+        out[version] = report
     return out
 
 
@@ -297,124 +315,160 @@ def test_ast_sees_the_backend(requirements, backend):
     """The extractor is not vacuous: names we know the backend uses are in the derived list."""
     chains = set(requirements["chains"])
     assert {
-        "BuilderFlag.FP16",
         "MemoryPoolType.WORKSPACE",
-        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
         "LayerInformationFormat.JSON",
         "ProfilingVerbosity.DETAILED",
         "TensorIOMode.INPUT",
         "HardwareCompatibilityLevel.AMPERE_PLUS",
-        "Builder",
-        "OnnxParser",
-        "Runtime",
-        "ILogger",
+        "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",
+        "nptype",
     } <= chains
     methods = {(o, m) for o, m, _ in requirements["members"]}
     assert {
-        ("Builder", "build_serialized_network"),
-        ("Builder", "create_network"),
-        ("IBuilderConfig", "set_memory_pool_limit"),
-        ("IBuilderConfig", "set_timing_cache"),
-        ("IBuilderConfig", "create_timing_cache"),
-        ("IOptimizationProfile", "set_shape"),
-        ("OnnxParser", "parse_from_file"),
-        ("ParserError", "node"),
-        ("Runtime", "deserialize_cuda_engine"),
-        ("ICudaEngine", "create_execution_context"),
         ("ICudaEngine", "create_engine_inspector"),
+        ("ICudaEngine", "get_tensor_dtype"),
+        ("ICudaEngine", "num_optimization_profiles"),
         ("EngineInspector", "get_engine_information"),
         ("IExecutionContext", "execute_async_v3"),
-        ("IExecutionContext", "set_optimization_profile_async"),
-        ("IExecutionContext", "set_input_shape"),
-        ("IExecutionContext", "set_tensor_address"),
-        ("ITimingCache", "serialize"),
+        ("IExecutionContext", "get_tensor_shape"),
     } <= methods
-    stores = {(o, m) for o, m, ctx in requirements["members"] if ctx == "store"}
-    assert {
-        ("IBuilderConfig", "builder_optimization_level"),
-        ("IBuilderConfig", "hardware_compatibility_level"),
-        ("IBuilderConfig", "profiling_verbosity"),
-    } <= stores
-    kw_calls = {(c["owner"], c["name"], tuple(c["kws"])) for c in requirements["calls"] if c["kws"]}
-    assert ("IOptimizationProfile", "set_shape", ("min", "opt", "max")) in kw_calls
-    assert ("IBuilderConfig", "set_timing_cache", ("ignore_mismatch",)) in kw_calls
+    assert {"BuilderFlag.FP16", "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"} <= set(
+        requirements["hasattr_guards"]
+    )
 
 
 def test_version_gated_names_are_guarded(requirements, backend):
     for name in backend.VERSION_GATED:
-        assert name in requirements["chains"], f"VERSION_GATED lists {name}, which the backend no longer uses"
         assert name in requirements["hasattr_guards"], f"{name} exists only in some versions: guard it with hasattr"
+        assert (
+            name in requirements["chains"]
+            or name.split(".")[0] in requirements["chains"]
+            or any(c.startswith(name.split(".")[0] + ".") for c in requirements["chains"])
+        ), f"VERSION_GATED lists {name}, which the backend no longer uses"
 
 
-@pytest.mark.parametrize("major", sorted(WHEELS))
-def test_stub_libraries_are_what_is_loaded(reports, major):
-    b = reports[major]["behaviour"]
-    assert b["version"] == WHEELS[major][1] and b["major"] == major
+@pytest.mark.parametrize("version", VERSIONS)
+def test_stub_libraries_are_what_is_loaded(reports, version):
+    b = reports[version]["behaviour"]
+    assert b["version"] == version and b["major"] == _major(version)
     assert str(cache_root()) in b["file"]
-    assert b["check_version"] == {"ok": True, "value": major}
+    assert b["check_version"] == {"ok": True, "value": _major(version)}
     # The real bindings call into our stubs, whose factories return NULL.
     for key in ("builder_direct", "runtime_direct"):
         assert b[key]["ok"] is False and b[key]["type"] == "TypeError" and "nullptr" in b[key]["message"]
 
 
-@pytest.mark.parametrize("major", sorted(WHEELS))
-def test_every_name_the_backend_uses_exists(reports, requirements, backend, major):
-    api = reports[major]["api"]
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_name_the_backend_uses_exists(reports, requirements, backend, version):
+    api = reports[version]["api"]
     gated = backend.VERSION_GATED
     missing = [c for c, ok in api["chains"].items() if not ok and c not in gated]
-    assert not missing, f"TensorRT {WHEELS[major][1]} lacks trt.{missing}"
-    for name, versions in gated.items():
-        assert api["chains"][name] is (major in versions), (
-            f"VERSION_GATED says {name} exists in {versions}; TensorRT {WHEELS[major][1]} disagrees"
+    assert not missing, f"TensorRT {version} lacks trt.{missing}"
+    for name in gated:
+        expected = backend.gated_name_expected(name, _vt(version))
+        assert api["gated"][name] is expected, (
+            f"VERSION_GATED says {name} exists from/until {gated[name]}; TensorRT {version} disagrees"
         )
     bad = {k: v for k, v in api["members"].items() if v != "ok"}
-    assert not bad, f"TensorRT {WHEELS[major][1]}: {bad}"
+    assert not bad, f"TensorRT {version}: {bad}"
     assert len(api["chains"]) == len(requirements["chains"])
 
 
-@pytest.mark.parametrize("major", sorted(WHEELS))
-def test_call_signatures_match(reports, requirements, major):
-    api = reports[major]["api"]
+def test_same_compute_capability_is_gated_at_10_9(reports):
+    """The 10.0-10.8 crash: the member is absent there, and the backend knows it."""
+    present = {v: r["api"]["gated"]["HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"] for v, r in reports.items()}
+    assert present == {"10.0.1": False, "10.16.1.11": True, "11.4.0.106": True}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_call_signatures_match(reports, requirements, version):
+    api = reports[version]["api"]
     assert not api["signature_problems"], "\n".join(api["signature_problems"])
-    assert len(api["checked_signatures"]) >= 25
-    assert "IBuilderConfig.set_timing_cache(1 positional, ignore_mismatch=)" in api["checked_signatures"]
-    assert "Builder.__init__(1 positional)" in api["checked_signatures"]
+    assert len(api["checked_signatures"]) >= 8
+    assert "EngineInspector.get_engine_information(1 positional)" in api["checked_signatures"]
+    assert "IExecutionContext.execute_async_v3(1 positional)" in api["checked_signatures"]
 
 
-@pytest.mark.parametrize("major", sorted(WHEELS))
-def test_precision_gates_with_the_real_module(reports, major):
-    b = reports[major]["behaviour"]
-    strongly = b["strongly_typed_bit"]  # the enum member exists in both versions
-    assert strongly > 0
+@pytest.mark.parametrize("version", VERSIONS)
+def test_precision_gates_with_the_real_module(reports, version):
+    b = reports[version]["behaviour"]
+    major = _major(version)
     if major == 10:
-        assert b["network_flags"] == {"carries": strongly, "fp32": 0, "legacy": 0}
-        assert b["fp16_flags_legacy"] == {"ok": True, "value": ["FP16"]}
+        assert b["strongly_typed"] == {"carries": True, "fp32": False, "legacy": False}
+        assert b["fp16_legacy"] == {"ok": True, "value": True}
         assert b["validate_legacy"]["ok"] is True
-    else:
-        assert b["network_flags"] == {"carries": 0, "fp32": 0, "legacy": 0}  # always strongly typed
-        for key in ("fp16_flags_legacy", "validate_legacy"):
+    else:  # always strongly typed: the flag is not asked for
+        assert b["strongly_typed"] == {"carries": False, "fp32": False, "legacy": False}
+        for key in ("fp16_legacy", "validate_legacy"):
             assert b[key]["ok"] is False and b[key]["type"] == "UserInputError"
             assert "no BuilderFlag.FP16" in b[key]["message"] and "11" in b[key]["message"]
-    assert b["fp16_flags_default"] == {"ok": True, "value": []}
+    assert b["fp16_default"] == {"ok": True, "value": False}
     assert b["legacy_int8"]["ok"] is False and "fp16 builds only" in b["legacy_int8"]["message"]
-    assert b["hardware_levels"] == {
-        "none": "NONE",
-        "ampere_plus": "AMPERE_PLUS",
-        "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
-    }
+    levels = b["hardware_levels"]
+    assert levels["none"] == {"ok": True, "value": "None"}
+    assert levels["ampere_plus"] == {"ok": True, "value": "HardwareCompatibilityLevel.AMPERE_PLUS"}
+    if _vt(version) >= (10, 9):
+        assert levels["same_compute_capability"] == {
+            "ok": True,
+            "value": "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",
+        }
+    else:  # refused with a clear error, not an AttributeError on every build
+        same = levels["same_compute_capability"]
+        assert same["ok"] is False and same["type"] == "UserInputError" and "10.9" in same["message"]
     assert b["hardware_bad"]["type"] == "UserInputError"
     assert b["nptype"] == {"FLOAT": "float32", "HALF": "float16"}
-    assert b["logger"] == {"is_ilogger": True, "errors": ["probe error message"]}
 
 
-@pytest.mark.parametrize("major", sorted(WHEELS))
-def test_backend_fails_cleanly_without_a_gpu(reports, major):
+def _calls(entry) -> list[tuple]:
+    return [(c[0], tuple(c[1])) for c in entry["value"]["calls"]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_polygraphy_create_config_with_the_real_enums(reports, version):
+    """Polygraphy's CreateConfig, run on a recording builder/config with this version's real module."""
+    cfg = reports[version]["behaviour"]["config_calls"]
+    fp32 = cfg["fp32"]
+    assert fp32["ok"] is True, fp32
+    calls = _calls(fp32)
+    assert ("clear_flag", ("BuilderFlag.TF32",)) in calls  # fp32 is fp32: TF32 cleared
+    assert not any(name == "set_flag" for name, _ in calls)
+    assert ("set_memory_pool_limit", ("MemoryPoolType.WORKSPACE", 64 << 20)) in calls
+    assert ("set builder_optimization_level", (4,)) in calls
+    assert ("set profiling_verbosity", ("ProfilingVerbosity.DETAILED",)) in calls
+    assert any(name == "set_timing_cache" for name, _ in calls)
+    assert fp32["value"]["applied"]["num_profiles"] == 2 and len(fp32["value"]["profiles"]) == 2
+    assert fp32["value"]["strongly_typed"] is False
+    assert ("set_flag", ("BuilderFlag.TF32",)) in _calls(cfg["tf32"])
+    ampere = _calls(cfg["ampere"])
+    assert ("set hardware_compatibility_level", ("HardwareCompatibilityLevel.AMPERE_PLUS",)) in ampere
+    if _vt(version) >= (10, 9):
+        same = _calls(cfg["same_cc"])
+        assert ("set hardware_compatibility_level", ("HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",)) in same
+    else:
+        assert cfg["same_cc"]["ok"] is False and cfg["same_cc"]["type"] == "UserInputError"
+    api = reports[version]["behaviour"]["config_api"]  # what Polygraphy called exists, with that arity
+    assert not api["problems"], api["problems"]
+    assert {
+        "Builder.create_builder_config",
+        "IBuilderConfig.clear_flag",
+        "IBuilderConfig.set_memory_pool_limit",
+        "IBuilderConfig.hardware_compatibility_level",
+    } <= set(api["checked"])
+    if _major(version) == 10:
+        assert ("set_flag", ("BuilderFlag.FP16",)) in _calls(cfg["legacy_fp16"])
+    else:
+        assert cfg["legacy_fp16"]["ok"] is False and cfg["legacy_fp16"]["type"] == "UserInputError"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_backend_fails_cleanly_without_a_gpu(reports, version):
     """Real bindings, stub libraries (and here no GPU): clear errors, never a crash or a nullptr TypeError."""
-    b = reports[major]["behaviour"]
-    cb = b["create_builder"]
-    assert cb["ok"] is False and cb["type"] == "EngineBuildError" and "could not create a builder" in cb["message"]
-    cr = b["create_runtime"]
-    assert cr["ok"] is False and cr["type"] == "EngineLoadError" and "could not create a runtime" in cr["message"]
+    b = reports[version]["behaviour"]
+    major = _major(version)
+    pb = b["polygraphy_build"]  # Polygraphy's NetworkFromOnnxPath reaches trt.Builder: the stub's NULL
+    assert pb["ok"] is False and pb["type"] == "EngineBuildError" and "could not create a builder" in pb["message"]
+    pl = b["polygraphy_load"]  # EngineFromBytes reaches trt.Runtime
+    assert pl["ok"] is False and pl["type"] == "EngineLoadError" and "could not create a runtime" in pl["message"]
     # Without a GPU the device check fails first; with one, the stub's NULL builder/runtime does.
     gpu = b["cuda_device"]
     build_error, build_msg = (
@@ -424,13 +478,19 @@ def test_backend_fails_cleanly_without_a_gpu(reports, major):
     assert build["ok"] is True, build  # a recorded failure, not an exception
     art = build["value"]
     assert art["path"] is None and art["meta"]["error_type"] == build_error and build_msg in art["error"]
-    assert art["meta"]["tensorrt_version"] == WHEELS[major][1]
+    assert art["meta"]["tensorrt_version"] == version
     assert art["meta"]["strongly_typed"] is (major >= 11)
+    assert art["meta"]["tf32"] is False
     legacy = b["build_legacy_fp16"]
     if major == 10:
         assert legacy["ok"] is True and legacy["value"]["meta"]["error_type"] == build_error
     else:  # refused before any device work
         assert legacy["ok"] is False and legacy["type"] == "UserInputError"
+    same = b["build_same_cc"]
+    if _vt(version) >= (10, 9):
+        assert same["ok"] is True and same["value"]["meta"]["error_type"] == build_error
+    else:
+        assert same["ok"] is False and same["type"] == "UserInputError"
     act = b["runner_activate"]
     run_error, run_msg = (
         ("EngineLoadError", "could not create a runtime") if gpu else ("CudaError", "no usable CUDA device")

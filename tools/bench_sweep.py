@@ -39,6 +39,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budgets-ms", default=None, help="two latency budgets (default: chosen from the measurements)")
     p.add_argument("--target-batch", type=int, default=1)
+    p.add_argument(
+        "--int8-float-layers", default="default", choices=("default", "none"), help="'none': every layer int8"
+    )
+    p.add_argument("--model", default=None, help="model spec when the checkpoint does not record one")
     args = p.parse_args()
 
     from fixres_deploy.choose.report import build_report
@@ -62,6 +66,8 @@ def main() -> int:
         latency=args.latency,
         threads=args.threads,
         exporter="dynamo",
+        int8_float_layers=args.int8_float_layers,
+        model=args.model,
     )
     select = SelectionConfig(batch_size=args.target_batch)
     pc = PipelineConfig(sweep=sweep_cfg, select=select, out=args.out, bundle=True, triton=True)
@@ -114,9 +120,11 @@ def main() -> int:
             f"(95% CI {g['ci'][0] * 100:+.1f} to {g['ci'][1] * 100:+.1f}) via {g['label']}"
         )
     if s:
+        kind = "paired bootstrap 95% CI over interleaved rounds" if s.get("paired") else "approx. 95% range"
         print(
             f"iso-accuracy speedup (batch {args.target_batch}): {s['value']:.2f}x "
-            f"({s['ci'][0]:.2f}-{s['ci'][1]:.2f}) via {s['label']}\n"
+            f"({kind} {s['ci'][0]:.2f}-{s['ci'][1]:.2f}) via {s['label']}; "
+            f"rounds re-run for contention: {rep.get('rerun_rounds', 0)}\n"
         )
     print(f"| latency budget (p50, batch {args.target_batch}) | selected | top-1 % [95% CI] | p50 ms |")
     print("|---:|---|---|---:|")
@@ -129,7 +137,15 @@ def main() -> int:
         print(f"\n- budget {c['budget_ms']:.2f} ms: {c['reason']}")
     write_json(
         os.path.join(args.out, "bench_sweep.json"),
-        {"runs": runs, "rerun_ratio": ratio, "choices": choices, "iso_latency_gain": g, "iso_accuracy_speedup": s},
+        {
+            "runs": runs,
+            "rerun_ratio": ratio,
+            "choices": choices,
+            "iso_latency_gain": g,
+            "iso_accuracy_speedup": s,
+            "latency_ratios": rep.get("latency_ratios"),
+            "rerun_rounds": rep.get("rerun_rounds"),
+        },
     )
     return 0
 

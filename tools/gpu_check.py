@@ -1,22 +1,28 @@
 #!/usr/bin/env python
-"""One-shot GPU check: latency and agreement of every engine path this project has.
+"""One-shot GPU check: CUDA helper self-tests, torch CUDA latency per dtype, and every engine path.
 
-Meant for a short, lent GPU session (run it once, keep the JSON): torch eager fp32/fp16 on
-CUDA per resolution, ONNX Runtime CPU vs its CUDA execution provider (when onnxruntime-gpu is
-installed), and TensorRT (when importable) through fixres_deploy's own backend — one dynamic
-engine per precision over the resolutions, plus a fixed engine at the middle resolution
-(static vs dynamic is itself a result), with and without CUDA graphs. Every engine's
-output is compared with torch fp32 on the same input (relative error, top-1 agreement).
+Meant for a short, lent GPU session (run it once, keep the JSON and markdown; <= 8 minutes on an
+H100/H200 with the defaults). It needs PyTorch with CUDA; cuda-python for the helper self-tests;
+TensorRT, Polygraphy and onnxruntime-gpu only for their own sections (each is skipped with its
+reason when missing):
+
+* ``cuda-helpers``: fixres_deploy/backends/cuda_utils.py on the device — a pinned host buffer
+  round trip, a CUDA graph captured and replayed across a shape switch through ``GraphCache``
+  (plain enqueue first, graphs dropped on the switch; results checked after every call), and
+  ``EventTimer`` device time against host time;
+* ``torch-cuda``: per resolution x batch x {fp32, tf32, fp16, bf16} x {eager, CUDA graph}:
+  device latency from CUDA events (host p50 beside it), the FLOP roofline % (model FLOP/s over
+  the measured large-matmul peak of that dtype), and agreement with the CPU fp32 reference;
+* ``onnxruntime`` (CPU, and CUDA EP with onnxruntime-gpu) and ``tensorrt`` (through the
+  project's Polygraphy backend) when installed.
 
 It also runs without a GPU: it says what is missing and measures the CPU parts, so it can be
-checked here at a tiny size:
+checked here at a tiny size (``--quick``); ``--dry-run`` prints the plan and exits.
 
-    python tools/gpu_check.py --quick
+    python tools/gpu_check.py                # on the GPU machine; writes $OUT/gpu_check.{json,md}
+    python tools/gpu_check.py --quick        # CPU smoke run
+    python tools/gpu_check.py --dry-run
 
-Latencies are end to end per ``predict`` call (host numpy in, host numpy out: copies
-included), p50/p90 over ``--iters`` calls after ``--warmup``.
-
-Output: a table on stdout; JSON to ``$OUT/gpu_check.json`` when ``$OUT`` is set (or ``--out``).
 Each section catches its own failure and records it, so one broken path never hides the rest.
 """
 
@@ -109,6 +115,36 @@ class Check:
             file=sys.stderr,
         )
 
+    def markdown(self) -> str:
+        """The results as a markdown table (what goes into README)."""
+        env = self.env
+        lines = [
+            f"GPU: {env.get('gpu', 'none')} (torch {env.get('torch')}, TensorRT {env.get('tensorrt')}, "
+            f"onnxruntime {env.get('onnxruntime')})",
+            "",
+            "| engine | res | batch | device p50 ms | host p50 ms | img/s | roofline % | top-1 agree | max rel err |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            dev = r.get("device_p50_ms")
+            p50 = dev if dev is not None else r["p50_ms"]
+            ips = r["batch"] / (p50 / 1e3) if p50 > 0 else float("nan")
+            lines.append(
+                f"| {r['engine']} | {r['resolution']} | {r['batch']} | {dev if dev is None else f'{dev:.3f}'} | "
+                f"{r['p50_ms']:.3f} | {ips:.0f} | {r.get('roofline_pct') if r.get('roofline_pct') is not None else '-'} | "
+                f"{r.get('top1_agree', '-')} | {r['max_rel_err']:.1e} |"
+                if "max_rel_err" in r
+                else f"| {r['engine']} | {r['resolution']} | {r['batch']} | - | {r['p50_ms']:.3f} | {ips:.0f} | - | - | - |"
+            )
+        for k, v in self.skipped.items():
+            lines.append(f"\nskipped {k}: {v}")
+        for k, v in self.errors.items():
+            lines.append(f"\nFAILED {k}: {v}")
+        helpers = env.get("cuda_helpers")
+        if helpers:
+            lines += ["", "CUDA helper self-tests: " + json.dumps(helpers)]
+        return "\n".join(lines) + "\n"
+
     def table(self) -> str:
         lines = [
             f"{'engine':<34} {'res':>4} {'batch':>5} {'p50_ms':>9} {'p90_ms':>9} {'img/s':>9} {'top1':>6} {'rel_err':>8}"
@@ -126,6 +162,171 @@ class Check:
         for k, v in self.errors.items():
             lines.append(f"FAILED {k}: {v}")
         return "\n".join(lines)
+
+
+def cuda_helper_selftest() -> dict:
+    """fixres_deploy/backends/cuda_utils.py on the device; raises on any wrong result."""
+    from fixres_deploy.backends.cuda_utils import (
+        DeviceBuffer,
+        EventTimer,
+        GraphCache,
+        PinnedBuffer,
+        Stream,
+        check,
+        ensure_device,
+        import_cudart,
+    )
+
+    cudart = import_cudart()
+    ensure_device(cudart)
+    out: dict = {}
+    n = 1 << 20
+    stream = Stream(cudart)
+    host, back = PinnedBuffer(cudart, n * 4), PinnedBuffer(cudart, n * 4)
+    dev = DeviceBuffer(cudart, n * 4)
+    src = host.view(np.float32, (n,))
+    src[...] = np.arange(n, dtype=np.float32)
+    timer = EventTimer(cudart)
+    t0 = time.perf_counter()
+    timer.record(0, stream.stream)
+    stream.copy_htod(dev.ptr, host.ptr, n * 4)
+    timer.record(1, stream.stream)
+    timer.record(2, stream.stream)
+    stream.copy_dtoh(back.ptr, dev.ptr, n * 4)
+    timer.record(3, stream.stream)
+    stream.synchronize()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    if not np.array_equal(back.view(np.float32, (n,)), src):
+        raise RuntimeError("pinned round trip returned different data")
+    ev = timer.elapsed_ms()
+    if not 0 < ev["h2d_ms"] <= host_ms or not 0 < ev["d2h_ms"] <= host_ms:
+        raise RuntimeError(f"event times {ev} inconsistent with host time {host_ms:.3f} ms")
+    out["pinned_round_trip"] = {"bytes": n * 4, **ev, "host_ms": host_ms}
+    # graph capture + replay across a "shape" switch: the enqueue copies `size` floats D2D
+    dst = DeviceBuffer(cudart, n * 4)
+    size = {"n": 0}
+    d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+
+    def enqueue():
+        check(cudart, cudart.cudaMemcpyAsync(dst.ptr, dev.ptr, size["n"] * 4, d2d, stream.stream), "d2d")
+
+    cache = GraphCache(cudart, stream.stream, enqueue)
+    steps = []
+    for key in (1024, 1024, 1024, 4096, 4096, 1024):
+        check(cudart, cudart.cudaMemsetAsync(dst.ptr, 0, n * 4, stream.stream), "memset")
+        size["n"] = key
+        steps.append(cache.run(key))
+        stream.copy_dtoh(back.ptr, dst.ptr, n * 4)
+        stream.synchronize()
+        got = back.view(np.float32, (n,))
+        if not (np.array_equal(got[:key], src[:key]) and not got[key:].any()):
+            raise RuntimeError(f"graph step {len(steps)} ({steps[-1]}, {key} floats) produced wrong data")
+    expected = ["plain", "captured", "replayed", "plain", "captured", "plain"]
+    if steps != expected:
+        raise RuntimeError(f"graph cache steps {steps}, expected {expected}")
+    out["graph_cache"] = steps
+    cache.invalidate()
+    timer.free()
+    for buf in (host, back, dev, dst):
+        buf.free()
+    stream.destroy()
+    return out
+
+
+def matmul_peaks(torch, dtypes) -> dict:
+    """Measured large-matmul TFLOP/s per dtype: the roofline's compute ceiling on this GPU."""
+    kinds = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    peaks = {}
+    n = 8192
+    for d in dtypes:
+        set_precision(torch, d)
+        a = torch.randn(n, n, device="cuda", dtype=kinds[d])
+        b = torch.randn(n, n, device="cuda", dtype=kinds[d])
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        peaks[d] = round(2 * n**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12, 1)
+    set_precision(torch, "fp32")
+    return peaks
+
+
+def set_precision(torch, dtype: str) -> None:
+    """TF32 allowed only for the tf32 cases (PyTorch allows it in cuDNN by default)."""
+    from fixres_deploy.backends.torch_backend import set_tf32
+
+    set_tf32(torch, dtype == "tf32")
+
+
+def model_gflops(model, resolutions, work) -> dict:
+    """GFLOPs per image at each resolution (counted on an ONNX export of the model)."""
+    from fixres_deploy.core.preprocess import PreprocessConfig
+    from fixres_deploy.export.onnx_export import export_onnx
+    from fixres_deploy.models.flops import flops_per_image
+
+    path = os.path.join(work, "flops.onnx")
+    export_onnx(
+        model.to("cpu"),
+        path,
+        PreprocessConfig(resolutions[0]),
+        dynamic=True,
+        exporter="torchscript",
+        tolerance=None,
+        write_sidecar=False,
+    )
+    return {r: float(flops_per_image(path, r).total_gflops) for r in resolutions}
+
+
+def torch_case(torch, model, x: np.ndarray, dtype: str, graph: bool, *, warmup: int, iters: int):
+    """Device (CUDA events) and host latency of one torch case; returns (latency dict, logits)."""
+    import copy
+
+    kinds = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    set_precision(torch, dtype)
+    m = copy.deepcopy(model).to("cuda", kinds[dtype]).eval()
+    static_in = torch.from_numpy(x).to("cuda", kinds[dtype])
+    with torch.inference_mode():
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    m(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_out = m(static_in)
+
+            def run():
+                g.replay()
+                return static_out
+        else:
+
+            def run():
+                return m(static_in)
+
+        for _ in range(warmup):
+            run()
+        torch.cuda.synchronize()
+        dev_ms, host_s = [], []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            host_s.append(time.perf_counter() - t0)
+            dev_ms.append(start.elapsed_time(end))
+        y = run().float().cpu().numpy()
+    set_precision(torch, "fp32")
+    lat = _percentiles(host_s)
+    lat["device_p50_ms"] = float(np.percentile(dev_ms, 50))
+    return lat, y
 
 
 def environment() -> dict:
@@ -174,13 +375,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-shape TensorRT engine")
     ap.add_argument("--cpu-iters", type=int, help="iterations for CPU paths (default: iters/5, at least 3)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 resolutions, few iterations (a smoke run)")
-    ap.add_argument("--out", help="folder for gpu_check.json (default $OUT)")
+    ap.add_argument("--dtypes", default="fp32,tf32,fp16,bf16", help="torch CUDA compute types")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new torch cases after this")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (sections, grid) and exit")
+    ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.md (default $OUT)")
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.num_classes, args.resolutions, args.batches = "fixres:tiny_resnet", 10, "32,48", "1,2"
         args.iters, args.warmup = 5, 1
     resolutions = [int(r) for r in args.resolutions.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if args.dry_run:
+        plan = {
+            "sections": ["torch-cpu", "cuda-helpers", "torch-cuda", "export", "onnxruntime", "tensorrt"],
+            "model": args.checkpoint or args.model,
+            "torch_cuda_cases": [
+                f"{r}px b{b} {d} {g}" for r in resolutions for b in batches for d in dtypes for g in ("eager", "graph")
+            ],
+            "budget_s": args.budget_s,
+        }
+        print(json.dumps(plan, indent=1))
+        return 0
     cpu_iters = args.cpu_iters or max(3, args.iters // 5)
     os.environ.setdefault("FIXRES_NO_PROGRESS", "1")
 
@@ -213,25 +429,40 @@ def main(argv: list[str] | None = None) -> int:
         for (r, b), x in inputs.items():
             t = torch.from_numpy(x)
             with torch.inference_mode():
-                lat = time_fn(lambda: model(t), warmup=1, iters=cpu_iters)
+                lat = time_fn(lambda t=t: model(t), warmup=1, iters=cpu_iters)
             chk.add("torch-cpu-fp32", r, b, lat)
+
+    def cuda_helpers():
+        if not cuda:
+            raise Skip("no CUDA device")
+        chk.env["cuda_helpers"] = cuda_helper_selftest()
 
     def torch_cuda():
         if not cuda:
             raise Skip("CUDA not available to torch")
-        dev = torch.device("cuda")
-        m32 = model.to(dev)
-        import copy
-
-        m16 = copy.deepcopy(m32).half()
+        peaks = matmul_peaks(torch, dtypes)
+        chk.env["matmul_peak_tflops"] = peaks
+        gflops = model_gflops(model, resolutions, work)
+        chk.env["model_gflops_per_image"] = gflops
+        t_end = time.perf_counter() + args.budget_s
         for (r, b), x in inputs.items():
-            t = torch.from_numpy(x).to(dev)
-            with torch.inference_mode():
-                lat = time_fn(lambda: m32(t), warmup=args.warmup, iters=args.iters, sync=torch.cuda.synchronize)
-                chk.add("torch-cuda-fp32", r, b, lat, agreement(m32(t).float().cpu().numpy(), refs[(r, b)]))
-                t16 = t.half()
-                lat = time_fn(lambda: m16(t16), warmup=args.warmup, iters=args.iters, sync=torch.cuda.synchronize)
-                chk.add("torch-cuda-fp16", r, b, lat, agreement(m16(t16).float().cpu().numpy(), refs[(r, b)]))
+            for dtype in dtypes:
+                for graph in (False, True):
+                    if time.perf_counter() > t_end:
+                        chk.skipped.setdefault("torch-cuda-budget", f"stopped at {r}px b{b} {dtype}: --budget-s")
+                        return
+                    lat, y = torch_case(torch, model, x, dtype, graph, warmup=args.warmup, iters=args.iters)
+                    tflops = gflops.get(r, 0.0) * b / (lat["device_p50_ms"] / 1e3) / 1e3 if gflops.get(r) else None
+                    peak = peaks.get(dtype)
+                    chk.add(
+                        f"torch-cuda-{dtype}{'-graph' if graph else ''}",
+                        r,
+                        b,
+                        lat,
+                        agreement(y, refs[(r, b)]),
+                        achieved_tflops=tflops,
+                        roofline_pct=round(100 * tflops / peak, 1) if tflops and peak else None,
+                    )
         model.to("cpu")
 
     def export():
@@ -262,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 y = runner.predict(x)
                 iters = cpu_iters if "cpu" in label else args.iters
-                lat = time_fn(lambda: runner.predict(x), warmup=args.warmup, iters=iters)
+                lat = time_fn(lambda x=x: runner.predict(x), warmup=args.warmup, iters=iters)
                 chk.add(label, r, b, lat, agreement(y, refs[(r, b)]), build_s=round(art.build_s, 2))
 
     def ort():
@@ -334,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_artifact("trt-fp16-fixed-cudagraph", art, cuda_graph=True)
 
     chk.section("torch-cpu", torch_cpu)
+    chk.section("cuda-helpers", cuda_helpers)
     chk.section("torch-cuda", torch_cuda)
     chk.section("export", export)
     if os.path.isfile(onnx_path):
@@ -352,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
                 default=str,
             )
-        print(f"wrote {path}")
+        md = os.path.join(out_dir, "gpu_check.md")
+        with open(md, "w", encoding="utf-8") as f:
+            f.write(chk.markdown())
+        print(f"wrote {path} and {md}")
     return 0 if chk.rows else 1
 
 

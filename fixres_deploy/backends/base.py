@@ -146,6 +146,8 @@ class BuildOptions:
         legacy_fp16_flag: TensorRT 10 only: set BuilderFlag.FP16 (weak typing) instead of
             relying on an fp16 graph; refused on TensorRT 11, which has no such flag.
         cuda_graph: runners capture the inference in a CUDA graph where supported.
+        tf32: TensorRT fp32 builds may use TF32 tensor cores (10-bit mantissa); off by default,
+            so an fp32 row is true fp32; an engine built with it records meta["tf32"] = True.
     """
 
     threads: int | None = None
@@ -159,6 +161,7 @@ class BuildOptions:
     hardware_compatibility: str = "none"
     legacy_fp16_flag: bool = False
     cuda_graph: bool = False
+    tf32: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fixres_deploy.core.errors import FixResError, require_any
+from fixres_deploy.core.errors import GPU_EXTRA, GPU_EXTRA_HINT, FixResError, require_any
 
 
 class CudaError(FixResError, RuntimeError):
@@ -33,7 +33,13 @@ def import_cudart(feature: str = "TensorRT engines"):
     cuda-python >= 12.6 moved the bindings to ``cuda.bindings``; older releases only have
     ``from cuda import cudart``.
     """
-    return require_any(("cuda.bindings.runtime", "cuda.cudart"), "gpu", feature, "cuda-python (CUDA runtime bindings)")
+    return require_any(
+        ("cuda.bindings.runtime", "cuda.cudart"),
+        GPU_EXTRA,
+        feature,
+        "cuda-python (CUDA runtime bindings)",
+        GPU_EXTRA_HINT,
+    )
 
 
 def check(cudart, result: Any, what: str):
@@ -185,33 +191,96 @@ class Stream:
             check(self._cudart, self._cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
 
-class CudaGraph:
-    """One captured and instantiated CUDA graph of ``launch_fn`` on a stream.
+def memcpy_async(cudart, dst_ptr: int, src_ptr: int, nbytes: int, kind: str, stream) -> None:
+    """``cudaMemcpyAsync`` on a raw stream handle; ``kind`` is "htod" or "dtoh"."""
+    kinds = {
+        "htod": cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+        "dtoh": cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+    }
+    check(cudart, cudart.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, kinds[kind], stream), f"cudaMemcpyAsync {kind}")
 
-    Capturing removes the per-launch CPU cost of enqueueing every kernel (trtexec in
-    TensorRT 11 captures by default). Addresses are baked into the graph: re-capture after
-    any buffer is reallocated or the input shape changes.
+
+def synchronize(cudart, stream) -> None:
+    check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+
+class EventTimer:
+    """Four CUDA events recorded on a stream around H2D, compute and D2H; device milliseconds between them.
+
+    Host timers around an asynchronous call measure the launch, not the work: events are
+    timestamped by the GPU in stream order (CUDA programming guide, "Events").
     """
 
-    def __init__(self, cudart, stream: Stream, launch_fn: Callable[[], None]):
+    SPANS = (("h2d_ms", 0, 1), ("compute_ms", 1, 2), ("d2h_ms", 2, 3))
+
+    def __init__(self, cudart, count: int = 4):
+        self._cudart = cudart
+        self.events: list = []
+        try:
+            for _ in range(count):
+                self.events.append(check(cudart, cudart.cudaEventCreate(), "cudaEventCreate"))
+        except CudaError:
+            self.free()
+            raise
+
+    def record(self, index: int, stream) -> None:
+        check(self._cudart, self._cudart.cudaEventRecord(self.events[index], stream), f"cudaEventRecord({index})")
+
+    def span_ms(self, start: int, end: int) -> float:
+        """Device time between two recorded events (the later one must have completed)."""
+        return float(
+            check(
+                self._cudart,
+                self._cudart.cudaEventElapsedTime(self.events[start], self.events[end]),
+                "cudaEventElapsedTime",
+            )
+        )
+
+    def elapsed_ms(self) -> dict:
+        """{"h2d_ms", "compute_ms", "d2h_ms"} after the stream was synchronized."""
+        return {name: self.span_ms(a, b) for name, a, b in self.SPANS}
+
+    def free(self) -> None:
+        events, self.events = self.events, []
+        for event in events:
+            check(self._cudart, self._cudart.cudaEventDestroy(event), "cudaEventDestroy")
+
+
+class CudaGraph:
+    """One captured and instantiated CUDA graph of ``launch_fn`` on a stream (a raw handle).
+
+    Capturing removes the per-launch CPU cost of enqueueing every kernel (trtexec in
+    TensorRT 11 captures by default). Addresses and shapes are baked into the graph: see
+    :class:`GraphCache` for when it must be captured again.
+    """
+
+    def __init__(self, cudart, stream, launch_fn: Callable[[], None]):
         self._cudart = cudart
         self.graph = None
         self.graph_exec = None
         check(
             cudart,
-            cudart.cudaStreamBeginCapture(stream.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
             "cudaStreamBeginCapture",
         )
         try:
             launch_fn()
-        finally:
-            # End the capture even when the launch failed, or the stream stays unusable.
-            graph = check(cudart, cudart.cudaStreamEndCapture(stream.stream), "cudaStreamEndCapture")
-        self.graph = graph
-        self.graph_exec = check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BaseException as exc:
+            # End the capture (else the stream stays unusable) and free the partial graph, but
+            # raise the launch's own error: a failing cudaStreamEndCapture must not mask it.
+            err, *rest = cudart.cudaStreamEndCapture(stream)
+            if err == cudart.cudaError_t.cudaSuccess and rest and rest[0] is not None:
+                cudart.cudaGraphDestroy(rest[0])
+            raise CudaError(f"CUDA graph capture failed in the captured launch: {type(exc).__name__}: {exc}") from exc
+        self.graph = check(cudart, cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        try:
+            self.graph_exec = check(cudart, cudart.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
+        except CudaError:
+            self.free()
+            raise
 
-    def launch(self, stream: Stream) -> None:
-        check(self._cudart, self._cudart.cudaGraphLaunch(self.graph_exec, stream.stream), "cudaGraphLaunch")
+    def launch(self, stream) -> None:
+        check(self._cudart, self._cudart.cudaGraphLaunch(self.graph_exec, stream), "cudaGraphLaunch")
 
     def free(self) -> None:
         if self.graph_exec is not None:
@@ -220,3 +289,61 @@ class CudaGraph:
         if self.graph is not None:
             g, self.graph = self.graph, None
             check(self._cudart, self._cudart.cudaGraphDestroy(g), "cudaGraphDestroy")
+
+
+class GraphCache:
+    """CUDA graphs of one execution context, keyed by (profile, input shape).
+
+    TensorRT's best practices: after an input-shape change, call the enqueue once without
+    capture before capturing or replaying (the context updates shape-dependent state lazily).
+    So any switch of key destroys every cached graph, and a key is captured only after a plain
+    enqueue with that key was the last thing done on the context. :meth:`run` enforces it.
+    """
+
+    def __init__(self, cudart, stream, enqueue: Callable[[], None]):
+        self._cudart = cudart
+        self._stream = stream
+        self._enqueue = enqueue
+        self._graphs: dict[tuple, CudaGraph] = {}
+        self._ready: tuple | None = None  # the key of the last plain enqueue, if nothing changed since
+
+    def note_plain_enqueue(self, key: tuple) -> None:
+        """The caller set the context up for ``key`` and enqueued once outside any capture."""
+        if key != self._ready:
+            self.invalidate()
+        self._ready = key
+
+    def invalidate(self) -> None:
+        """Destroy all graphs (a shape/profile/buffer change made them stale)."""
+        graphs, self._graphs = self._graphs, {}
+        self._ready = None
+        errors = []
+        for graph in graphs.values():
+            try:
+                graph.free()
+            except CudaError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise CudaError("; ".join(errors))
+
+    def run(self, key: tuple) -> str:
+        """Replay the graph of ``key`` (capturing it first); returns "plain", "captured" or "replayed".
+
+        A key that was not the last plain enqueue gets a plain enqueue now instead of a graph.
+        """
+        if key != self._ready:
+            self.invalidate()
+            self._enqueue()
+            self._ready = key
+            return "plain"
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = CudaGraph(self._cudart, self._stream, self._enqueue)
+            self._graphs[key] = graph
+            graph.launch(self._stream)
+            return "captured"
+        graph.launch(self._stream)
+        return "replayed"
+
+    def __len__(self) -> int:
+        return len(self._graphs)

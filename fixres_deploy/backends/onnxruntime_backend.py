@@ -12,6 +12,7 @@ onnxruntime is imported lazily through ``fixres_deploy.core.errors.require``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from fixres_deploy.backends.base import (
 )
 from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError, require
 from fixres_deploy.core.utils import atomic_path, sha256_file
+from fixres_deploy.precision.qdq_fp16 import ort_graph_optimization_for
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def resolve_providers(ort, providers: list[str] | None, provider_options: list[d
             raise MissingDependencyError(
                 f"ONNX Runtime execution provider(s) {missing} are not available in this onnxruntime "
                 f"{ort.__version__} build (available: {available}). They need onnxruntime-gpu and a "
-                "CUDA GPU: pip install 'fixres-deploy[gpu]' (onnxruntime and onnxruntime-gpu conflict: "
+                "CUDA GPU: pip install 'fixres-deploy[ort-gpu]' (onnxruntime and onnxruntime-gpu conflict: "
                 "uninstall onnxruntime first)"
             )
         raise UserInputError(f"unknown ONNX Runtime execution provider(s) {missing}; available: {available}")
@@ -87,6 +89,77 @@ def resolve_providers(ort, providers: list[str] | None, provider_options: list[d
             f"provider_options has {len(provider_options)} entries for {len(providers)} providers; give one dict per provider"
         )
     return providers, (list(provider_options) if provider_options is not None else None)
+
+
+# Providers whose optimized graph ORT can serialize; compiling EPs (TensorRT, ...) put compiled
+# nodes in the graph and ORT fails with "Unable to serialize model as it contains compiled nodes"
+# (onnxruntime PR #5840).
+SERIALIZABLE_PROVIDERS = (CPU_PROVIDER, "CUDAExecutionProvider")
+
+
+class ProviderFallbackError(FixResError, RuntimeError):
+    """ONNX Runtime dropped a requested execution provider (it falls back to CPU silently)."""
+
+
+def check_session_providers(requested: list[str], session_providers: list[str], *, what: str) -> None:
+    """Refuse a session that does not run on every provider requested (onnxruntime #23372).
+
+    ORT logs a warning and runs on the CPU when a GPU provider cannot start (missing CUDA or
+    cuDNN libraries, no device): a row labelled CUDA would hold CPU numbers.
+    """
+    missing = [p for p in requested if p not in session_providers]
+    if missing:
+        raise ProviderFallbackError(
+            f"{what}: ONNX Runtime created the session without {missing} (it runs on {session_providers}). "
+            "The provider is installed but could not start: check the CUDA/cuDNN/TensorRT libraries and the "
+            "GPU (ONNX Runtime's log above names the missing library)."
+        )
+
+
+def shape_string(input_name: str, shapes: list[tuple[int, ...]]) -> str:
+    """ORT TensorRT EP profile syntax: 'input:1x3x224x224' (one entry per profile, comma-separated)."""
+    return ",".join(f"{input_name}:" + "x".join(str(int(d)) for d in s) for s in shapes)
+
+
+def default_provider_options(
+    providers: list[str],
+    provider_options: list[dict] | None,
+    *,
+    device_id: int = 0,
+    cache_dir: str | None = None,
+    shapes: ShapeSpec | None = None,
+    input_name: str = "input",
+) -> list[dict] | None:
+    """Per-provider options: the user's, over defaults that make GPU providers do the right thing.
+
+    CUDA EP: ``device_id``. TensorRT EP: ``device_id``, an engine cache and a timing cache in
+    ``cache_dir`` (else every session rebuilds its engines), and explicit profile shapes from the
+    ShapeSpec (else the EP rebuilds the engine whenever a new input shape arrives).
+    """
+    user = list(provider_options) if provider_options is not None else [{} for _ in providers]
+    out = []
+    for name, given in zip(providers, user):
+        opts: dict = {}
+        if name in GPU_PROVIDERS:
+            opts["device_id"] = int(device_id)
+        if name == "TensorrtExecutionProvider":
+            if cache_dir:
+                os.makedirs(cache_dir, exist_ok=True)
+                opts.update(
+                    trt_engine_cache_enable=True,
+                    trt_engine_cache_path=cache_dir,
+                    trt_timing_cache_enable=True,
+                    trt_timing_cache_path=cache_dir,
+                )
+            if shapes is not None:
+                opts.update(
+                    trt_profile_min_shapes=shape_string(input_name, [p.min for p in shapes.profiles]),
+                    trt_profile_opt_shapes=shape_string(input_name, [p.opt for p in shapes.profiles]),
+                    trt_profile_max_shapes=shape_string(input_name, [p.max for p in shapes.profiles]),
+                )
+        opts.update(given or {})
+        out.append(opts)
+    return out if provider_options is not None or any(out) else None
 
 
 def session_options(ort, *, threads: int | None, graph_optimization: str, optimized_model_path: str | None = None):
@@ -151,10 +224,23 @@ def build_impl(
     io = check_onnx_accepts(onnx_path, shapes)
     providers, provider_options = resolve_providers(ort, options.providers, options.provider_options)
     graph_optimization_level(ort, options.graph_optimization)  # validate before any work
+    if providers == [CPU_PROVIDER] and ort_graph_optimization_for(onnx_path, options.graph_optimization) != (
+        options.graph_optimization
+    ):  # ORT CPU mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+        options = dataclasses.replace(options, graph_optimization="disable")
     name = name or f"{BACKEND}_{precision}_{shapes.mode}"
     os.makedirs(out_dir, exist_ok=True)
     engine_path = os.path.join(out_dir, f"{name}.onnx")
-    optimized_path = os.path.join(out_dir, f"{name}.optimized.onnx") if options.save_optimized else None
+    save_optimized = options.save_optimized and all(p in SERIALIZABLE_PROVIDERS for p in providers)
+    optimized_path = os.path.join(out_dir, f"{name}.optimized.onnx") if save_optimized else None
+    provider_options = default_provider_options(
+        providers,
+        provider_options,
+        device_id=int((options.extra or {}).get("device_id", 0)),
+        cache_dir=os.path.join(out_dir, f"{name}.ort_trt_cache"),
+        shapes=shapes,
+        input_name=io.input_name,
+    )
     meta = {
         "onnxruntime_version": ort.__version__,
         "providers_requested": providers,
@@ -165,6 +251,10 @@ def build_impl(
         "source_input_dims": list(io.input_dims),
         "ignored_options": _ignored_options(options),
     }
+    if options.save_optimized and not save_optimized:
+        meta["optimized_model_note"] = (
+            f"not saved: {providers} compile nodes ORT cannot serialize (only {list(SERIALIZABLE_PROVIDERS)} can)"
+        )
     t0 = time.perf_counter()
     try:
         meta["fixed_shape_copy"] = write_engine_onnx(onnx_path, engine_path, io, shapes)
@@ -187,6 +277,7 @@ def build_impl(
                 engine_path, sess_options=so, providers=providers, provider_options=provider_options
             )
         meta["providers"] = session.get_providers()
+        check_session_providers(providers, meta["providers"], what=f"building '{engine_path}'")
         meta["input_type"] = session.get_inputs()[0].type
         meta["output_type"] = session.get_outputs()[0].type
         del session
@@ -261,14 +352,22 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
         self._ort = None
         self._input_dtype = np.float32
+        self._device = "cpu"
+        self._bindings: dict = {}
 
     def activate_impl(self) -> None:
         ort = import_onnxruntime()
         providers, provider_options = resolve_providers(ort, self.providers, self.provider_options)
+        provider_options = default_provider_options(
+            providers, provider_options, device_id=self.device_id, shapes=self.shapes, input_name=self.input_name
+        )
+        if providers == [CPU_PROVIDER]:  # ORT CPU mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+            self.graph_optimization = ort_graph_optimization_for(self.onnx_path, self.graph_optimization)
         so = session_options(ort, threads=self.threads, graph_optimization=self.graph_optimization)
         self.session = ort.InferenceSession(
             self.onnx_path, sess_options=so, providers=providers, provider_options=provider_options
         )
+        check_session_providers(providers, self.session.get_providers(), what=f"running '{self.onnx_path}'")
         self._ort = ort
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         if not self._names_given:
@@ -278,24 +377,45 @@ class OnnxRuntimeRunner(Runner):
             # A fixed-shape ONNX run without an artifact: refuse other shapes with our ShapeError.
             s = tuple(inp.shape)
             self.shapes = ShapeSpec("fixed", (ShapeProfile(s, s, s),))
+        primary = self.session.get_providers()[0]
         if self.io_binding is None:
-            self.io_binding = self.session.get_providers()[0] in GPU_PROVIDERS
+            self.io_binding = primary in GPU_PROVIDERS
+        self._device = "cuda" if primary in GPU_PROVIDERS else "cpu"
+        self._bindings = {}
+
+    def _bound_run(self, x: np.ndarray) -> np.ndarray:
+        """IO binding with device buffers allocated once per input shape and reused.
+
+        The first call of a shape lets ORT allocate the output on the device, then binds that
+        OrtValue, so later calls copy the input in place and allocate nothing.
+        """
+        key = (tuple(x.shape), x.dtype.str)
+        state = self._bindings.get(key)
+        if state is None:
+            binding = self.session.io_binding()
+            x_dev = self._ort.OrtValue.ortvalue_from_shape_and_type(x.shape, x.dtype, self._device, self.device_id)
+            binding.bind_ortvalue_input(self.input_name, x_dev)
+            binding.bind_output(self.output_name, self._device, self.device_id)
+            state = self._bindings[key] = {"binding": binding, "input": x_dev, "output": None}
+        state["input"].update_inplace(x)
+        binding = state["binding"]
+        self.session.run_with_iobinding(binding)
+        if state["output"] is None:
+            state["output"] = binding.get_outputs()[0]
+            binding.bind_ortvalue_output(self.output_name, state["output"])
+        return binding.copy_outputs_to_cpu()[0]
 
     def infer_impl(self, x: np.ndarray) -> np.ndarray:
         if self._input_dtype != np.float32:
             x = x.astype(self._input_dtype)
         if self.io_binding:
-            binding = self.session.io_binding()
-            x_dev = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id)
-            binding.bind_ortvalue_input(self.input_name, x_dev)
-            binding.bind_output(self.output_name, "cuda", self.device_id)
-            self.session.run_with_iobinding(binding)
-            y = binding.copy_outputs_to_cpu()[0]
+            y = self._bound_run(np.ascontiguousarray(x))
         else:
             y = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(y, dtype=np.float32)
 
     def deactivate_impl(self) -> None:
+        self._bindings = {}
         self.session = None
         self._ort = None
 

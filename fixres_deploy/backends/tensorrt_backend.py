@@ -1,27 +1,36 @@
-"""TensorRT backend: the native Python API of TensorRT 10.x and 11.x, cuda-python for memory.
+"""TensorRT backend through Polygraphy, NVIDIA's maintained TensorRT toolkit (TensorRT 10.x and 11.x).
 
-Build: ONNX → ``OnnxParser`` → network → ``IBuilderConfig`` (workspace pool, optimization
-level, hardware compatibility, timing cache, one optimization profile per shape band) →
-``build_serialized_network`` → ``.plan`` (written atomically), with the engine inspector's
-per-layer JSON saved beside it as ``<name>.layers.json``.
+Build: ``NetworkFromOnnxPath`` (ONNX parser; strongly typed where TensorRT 10 needs the flag)
+→ ``CreateConfig`` (one Polygraphy ``Profile`` per shape band, timing cache, hardware
+compatibility, builder optimization level, workspace pool, TF32 cleared unless
+``BuildOptions.tf32``) → ``EngineBytesFromNetwork`` → ``.plan`` (written atomically) →
+``EngineFromBytes`` for the layer report ``<name>.layers.json``. Run: Polygraphy's ``TrtRunner``
+(engine → context, stream, dynamic shapes, output allocation).
+
+What stays hand-written, each for one reason:
+
+* the timed enqueue with CUDA events (``TrtRunner.infer`` synchronizes inside, so events cannot
+  bracket the device work alone): :meth:`TensorRTRunner._enqueue_timed`;
+* CUDA graphs (Polygraphy has none): :class:`fixres_deploy.backends.cuda_utils.GraphCache`;
+* the engine inspector's per-layer JSON (Polygraphy prints layers, it does not return the JSON):
+  :func:`inspect_engine`.
 
 Precision, TensorRT 10 vs 11 (10.1 deprecated implicit quantization, 10.12 the FP16/INT8 builder
-flags; the 11.4 bindings have neither): TensorRT 11 removed weak typing — every network
-is strongly typed, BuilderFlag.FP16/INT8 and the calibrators are gone — so precision lives in
-the ONNX graph: an fp16 graph, or explicit Q/DQ for int8. On TensorRT 10 a graph that carries
-its precision is built with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (TensorRT must
-not re-choose types); ``legacy_fp16_flag`` keeps the old weakly-typed ``BuilderFlag.FP16``
-route on 10 and is refused on 11.
+flags; the 11.4 bindings have neither): TensorRT 11 networks are always strongly typed, so
+precision lives in the ONNX graph — an fp16 graph, or explicit Q/DQ for int8 (whose float parts
+are fp16, see precision/variants.py). On TensorRT 10 such a graph is parsed strongly typed;
+``legacy_fp16_flag`` keeps the old weakly-typed ``BuilderFlag.FP16`` route on 10 and is refused
+on 11. TensorRT enables TF32 by default; Polygraphy clears it unless asked, so fp32 is fp32.
 
 Code conventions, relied on by tests/test_trt_api.py (which checks every name used here
-against the real 10.x and 11.x bindings, derived from this file's AST):
+against the real bindings of TensorRT 10.0, the newest 10.x and 11.x, derived from this file's AST):
 
 * The TensorRT module is always the name ``trt`` and is passed in to the functions that use
-  it, so version-gated branches can be called with either version's real module.
+  it, so version-gated branches can be called with each version's real module.
 * Variables (and ``self._x`` attributes) holding TensorRT objects are named after their type:
   see ``TRT_TYPE_OF_NAME``. Those names hold nothing else in this file.
-* A name that exists only in some major versions is listed in ``VERSION_GATED`` and only
-  reached behind a ``hasattr`` check.
+* A name that exists only in some versions is listed in ``VERSION_GATED`` and only reached
+  behind a ``hasattr`` check.
 * cuda-python's runtime module is always the name ``cudart`` (fixres_deploy/backends/cuda_utils.py).
 
 This module must not import torch: the production runtime loads it in a torch-free process.
@@ -45,15 +54,23 @@ from fixres_deploy.backends.base import (
 )
 from fixres_deploy.backends.cuda_utils import (
     CudaError,
-    CudaGraph,
-    DeviceBuffer,
-    PinnedBuffer,
-    Stream,
+    EventTimer,
+    GraphCache,
     device_info,
     ensure_device,
     import_cudart,
+    memcpy_async,
+    synchronize,
 )
-from fixres_deploy.core.errors import FixResError, MissingDependencyError, UserInputError, require_any
+from fixres_deploy.core.errors import (
+    GPU_EXTRA,
+    GPU_EXTRA_HINT,
+    FixResError,
+    MissingDependencyError,
+    UserInputError,
+    require,
+    require_any,
+)
 from fixres_deploy.core.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -64,25 +81,16 @@ SUPPORTED_MAJORS = (10, 11)
 # Variable name -> TensorRT class of the object it holds (the contract test maps attribute
 # accesses on these names to hasattr checks on the class).
 TRT_TYPE_OF_NAME = {
-    "builder": "Builder",
-    "network": "INetworkDefinition",
-    "network_input": "ITensor",
-    "config": "IBuilderConfig",
-    "parser": "OnnxParser",
-    "parser_error": "ParserError",
-    "profile": "IOptimizationProfile",
-    "timing_cache": "ITimingCache",
-    "plan": "IHostMemory",
-    "runtime": "Runtime",
     "engine": "ICudaEngine",
     "context": "IExecutionContext",
     "inspector": "EngineInspector",
 }
 
-# "Class.member" -> TensorRT major versions that have it. Everything else used here must
-# exist in every supported major version.
+# "Class.member" -> (first version that has it, first version that no longer has it or None).
+# Everything else used here must exist in every supported version (10.0 to 11.x).
 VERSION_GATED = {
-    "BuilderFlag.FP16": (10,),
+    "BuilderFlag.FP16": ("10.0", "11.0"),
+    "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY": ("10.9", None),
 }
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
@@ -96,24 +104,54 @@ class EngineLoadError(FixResError, RuntimeError):
     """A plan file could not be deserialized (other TensorRT version or GPU, corrupt file)."""
 
 
-# --------------------------------------------------------------------------- module & versions
+# --------------------------------------------------------------------------- modules & versions
 
 
 def import_tensorrt(feature: str = "TensorRT engines"):
     """The ``tensorrt`` module (or the bare ``tensorrt_bindings`` wheel), else MissingDependencyError."""
     return require_any(
-        ("tensorrt", "tensorrt_bindings"), "gpu", feature, "tensorrt", " (needs an NVIDIA GPU and driver)"
+        ("tensorrt", "tensorrt_bindings"),
+        GPU_EXTRA,
+        feature,
+        "tensorrt",
+        GPU_EXTRA_HINT + " (needs an NVIDIA GPU and driver)",
     )
+
+
+def import_polygraphy(feature: str = "TensorRT engines"):
+    """``polygraphy.backend.trt`` (it imports TensorRT lazily, on first use)."""
+    return require("polygraphy.backend.trt", GPU_EXTRA, feature)
 
 
 def check_available() -> None:
     """Raise MissingDependencyError now rather than after precision variants were made."""
     import_tensorrt()
+    import_polygraphy()
     import_cudart()
 
 
+def trt_version(trt) -> tuple[int, ...]:
+    """(10, 16, 1, 11) for '10.16.1.11' (suffixes like '.post1' ignored)."""
+    parts = []
+    for p in str(trt.__version__).split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    return tuple(parts)
+
+
 def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
+    return trt_version(trt)[0]
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def gated_name_expected(name: str, version: tuple[int, ...]) -> bool:
+    """Whether ``VERSION_GATED[name]`` says TensorRT ``version`` has the name."""
+    since, until = VERSION_GATED[name]
+    return version >= _version_tuple(since) and (until is None or version < _version_tuple(until))
 
 
 def check_version(trt) -> int:
@@ -121,7 +159,7 @@ def check_version(trt) -> int:
     if major < min(SUPPORTED_MAJORS):
         raise MissingDependencyError(
             f"TensorRT {trt.__version__} is too old: fixres-deploy needs TensorRT >= 10 "
-            "(pip install 'fixres-deploy[gpu]')"
+            f"(pip install 'fixres-deploy[{GPU_EXTRA}]'{GPU_EXTRA_HINT})"
         )
     if major > max(SUPPORTED_MAJORS):
         log.warning(
@@ -130,31 +168,6 @@ def check_version(trt) -> int:
             SUPPORTED_MAJORS,
         )
     return major
-
-
-def make_logger(trt, *, verbose: bool = False):
-    """A TensorRT logger that forwards to Python logging and keeps errors for the report."""
-    errors = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
-    warning = trt.ILogger.Severity.WARNING
-    info = trt.ILogger.Severity.INFO
-
-    class _CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-
-        def log(self, sev, msg):  # called by TensorRT, possibly from its threads
-            if sev in errors:
-                self.errors.append(str(msg))
-                log.error("TensorRT: %s", msg)
-            elif sev == warning:
-                self.warnings.append(str(msg))
-                log.warning("TensorRT: %s", msg)
-            elif verbose or sev == info:
-                log.debug("TensorRT: %s", msg)
-
-    return _CollectingLogger()
 
 
 # --------------------------------------------------------------------------- precision gating
@@ -200,22 +213,20 @@ def check_precision_request(precision: str, carried: dict, *, legacy_fp16_flag: 
         )
 
 
-def network_creation_flags(trt, *, carries_precision: bool, legacy_fp16_flag: bool) -> int:
-    """Bit flags for ``builder.create_network``.
+def strongly_typed_network(trt, *, carries_precision: bool, legacy_fp16_flag: bool) -> bool:
+    """Whether to ask the parser for a strongly typed network.
 
-    TensorRT 11: networks are always strongly typed (the flag is a no-op): 0. TensorRT 10: a
-    graph with fp16 tensors or Q/DQ is built strongly typed, so TensorRT keeps the graph's
-    types; the legacy FP16 route needs weak typing.
+    TensorRT 11: networks are always strongly typed (the flag is a deprecated no-op): False.
+    TensorRT 10: a graph with fp16 tensors or Q/DQ is parsed strongly typed, so TensorRT keeps
+    the graph's types; the legacy FP16 route needs weak typing.
     """
-    if trt_major(trt) >= 11 or legacy_fp16_flag or not carries_precision:
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return trt_major(trt) < 11 and carries_precision and not legacy_fp16_flag
 
 
-def precision_builder_flags(trt, *, precision: str, legacy_fp16_flag: bool) -> list:
-    """Builder flags a precision needs: none for strongly typed graphs, FP16 on the legacy route."""
+def legacy_fp16_allowed(trt, *, precision: str, legacy_fp16_flag: bool) -> bool:
+    """Whether the build sets BuilderFlag.FP16 (the weakly typed TensorRT 10 route)."""
     if not legacy_fp16_flag:
-        return []
+        return False
     if precision != "fp16":
         raise UserInputError(f"legacy_fp16_flag (--legacy-fp16) applies to fp16 builds only, not {precision}")
     if not hasattr(trt.BuilderFlag, "FP16"):
@@ -223,19 +234,27 @@ def precision_builder_flags(trt, *, precision: str, legacy_fp16_flag: bool) -> l
             f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (removed in TensorRT 11: networks are "
             "strongly typed). Drop --legacy-fp16: fixres-deploy builds fp16 from an fp16 ONNX graph."
         )
-    return [trt.BuilderFlag.FP16]
+    return True
 
 
 def hardware_compatibility_level(trt, name: str):
-    levels = {
-        "none": trt.HardwareCompatibilityLevel.NONE,
-        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-    }
+    """The enum member for a name; None for "none" (TensorRT's default: this GPU only).
+
+    SAME_COMPUTE_CAPABILITY exists only from TensorRT 10.9: looked up only when asked for.
+    """
     key = str(name).lower().replace("-", "_").replace("+", "_plus")
-    if key not in levels:
+    if key not in HARDWARE_COMPATIBILITY:
         raise UserInputError(f"hardware compatibility must be one of {HARDWARE_COMPATIBILITY}, got {name!r}")
-    return levels[key]
+    if key == "none":
+        return None
+    if key == "ampere_plus":
+        return trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):
+        raise UserInputError(
+            f"hardware compatibility 'same_compute_capability' needs TensorRT >= 10.9; this is "
+            f"{trt.__version__}. Use 'ampere_plus' or 'none', or upgrade TensorRT."
+        )
+    return trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
 
 
 def validate_options(trt, options: BuildOptions, *, precision: str) -> None:
@@ -245,119 +264,102 @@ def validate_options(trt, options: BuildOptions, *, precision: str) -> None:
     if options.optimization_level is not None and not 0 <= options.optimization_level <= 5:
         raise UserInputError(f"TensorRT builder optimization level must be 0-5, got {options.optimization_level}")
     hardware_compatibility_level(trt, options.hardware_compatibility)
-    precision_builder_flags(trt, precision=precision, legacy_fp16_flag=options.legacy_fp16_flag)
+    legacy_fp16_allowed(trt, precision=precision, legacy_fp16_flag=options.legacy_fp16_flag)
+    if options.tf32 and precision != "fp32":
+        raise UserInputError(f"tf32 applies to fp32 builds only, not {precision}")
 
 
-def configure(trt, config, options: BuildOptions, *, precision: str) -> dict:
-    """Apply BuildOptions to an IBuilderConfig; returns what was set, for the artifact meta."""
-    applied: dict = {}
-    if options.workspace_mb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
-        applied["workspace_mb"] = int(options.workspace_mb)
-    if options.optimization_level is not None:
-        config.builder_optimization_level = int(options.optimization_level)
-        applied["builder_optimization_level"] = int(options.optimization_level)
-    config.hardware_compatibility_level = hardware_compatibility_level(trt, options.hardware_compatibility)
-    applied["hardware_compatibility"] = options.hardware_compatibility
-    flags = precision_builder_flags(trt, precision=precision, legacy_fp16_flag=options.legacy_fp16_flag)
-    for flag in flags:
-        config.set_flag(flag)
-    applied["builder_flags"] = [getattr(f, "name", str(f)) for f in flags]
-    # DETAILED: the engine inspector then reports each layer's tactic, precision and formats.
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    return applied
+def polygraphy_profiles(pg, input_name: str, shapes: ShapeSpec) -> list:
+    """One Polygraphy Profile per ShapeSpec profile (fixed: min = opt = max)."""
+    return [pg.Profile().add(input_name, min=p.min, opt=p.opt, max=p.max) for p in shapes.profiles]
 
 
-def add_profiles(builder, config, input_name: str, shapes: ShapeSpec) -> int:
-    """One optimization profile per ShapeSpec profile (fixed: min = opt = max)."""
-    for i, p in enumerate(shapes.profiles):
-        profile = builder.create_optimization_profile()
-        profile.set_shape(input_name, min=p.min, opt=p.opt, max=p.max)
-        index = config.add_optimization_profile(profile)
-        if index < 0:
-            raise EngineBuildError(
-                f"TensorRT rejected optimization profile {i} (min {list(p.min)} "
-                f"opt {list(p.opt)} max {list(p.max)}) for input '{input_name}'"
-            )
-    return len(shapes.profiles)
+def make_loaders(trt, pg, onnx_path: str, shapes: ShapeSpec, options: BuildOptions, *, precision: str, carried: dict):
+    """Polygraphy's network and config loaders for a request (nothing runs until called).
 
-
-def load_timing_cache(config, path: str | None, *, ignore_mismatch: bool = False) -> dict:
-    """Attach a timing cache to the config: the file's content when present, else an empty one.
-
-    A cache cuts rebuilds several-fold (onnxruntime PR #14767: 34.6 s → 7.7 s). A cache from
-    another GPU/TensorRT is rejected unless ``ignore_mismatch``; then a fresh one is used.
+    Returns:
+        (network_loader, config_loader, applied): ``applied`` is what was set, for the meta.
     """
-    data = b""
-    if path and os.path.isfile(path):
-        with open(path, "rb") as f:
-            data = f.read()
-    timing_cache = config.create_timing_cache(data)
-    accepted = config.set_timing_cache(timing_cache, ignore_mismatch=ignore_mismatch)
-    info = {"path": path, "loaded_bytes": len(data), "accepted": bool(accepted)}
-    if not accepted and data:
-        log.warning("timing cache %s does not match this GPU/TensorRT: starting a fresh one", path)
-        timing_cache = config.create_timing_cache(b"")
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
-    return info
+    from fixres_deploy.backends.base import onnx_io
+
+    strongly = strongly_typed_network(
+        trt, carries_precision=carried["qdq"] or carried["fp16"], legacy_fp16_flag=options.legacy_fp16_flag
+    )
+    legacy = legacy_fp16_allowed(trt, precision=precision, legacy_fp16_flag=options.legacy_fp16_flag)
+    io = onnx_io(onnx_path)
+    dynamic = bool(io.dynamic_axes)
+    network_loader = pg.NetworkFromOnnxPath(os.fspath(onnx_path), strongly_typed=strongly)
+    hw = hardware_compatibility_level(trt, options.hardware_compatibility)
+    pools = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_mb) << 20} if options.workspace_mb else None
+    tf32 = bool(options.tf32) and precision == "fp32"
+    config_loader = pg.CreateConfig(
+        tf32=tf32,
+        fp16=legacy,
+        # a static network needs no profile (check_onnx_accepts matched its shape)
+        profiles=polygraphy_profiles(pg, io.input_name, shapes) if dynamic else None,
+        load_timing_cache=options.timing_cache,
+        builder_optimization_level=options.optimization_level,
+        hardware_compatibility_level=hw,
+        memory_pool_limits=pools,
+        # DETAILED: the engine inspector then reports each layer's tactic, precision and formats.
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+    )
+    applied = {
+        "strongly_typed": strongly or trt_major(trt) >= 11,
+        "tf32": tf32,
+        "legacy_fp16_flag": legacy,
+        "num_profiles": len(shapes.profiles) if dynamic else 0,
+        "hardware_compatibility": options.hardware_compatibility,
+        "workspace_mb": options.workspace_mb,
+        "builder_optimization_level": options.optimization_level,
+        "timing_cache": options.timing_cache,
+    }
+    return network_loader, config_loader, applied
 
 
-def save_timing_cache(config, path: str) -> int:
-    """Serialize the config's (updated) timing cache atomically; returns its size in bytes."""
-    timing_cache = config.get_timing_cache()
-    blob = timing_cache.serialize()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-    return os.path.getsize(path)
+def _nullptr_hint(trt, exc: TypeError, what: str) -> str:
+    return (
+        f"TensorRT {trt.__version__} could not create a {what} ({exc}). Is a CUDA GPU visible and are the "
+        "TensorRT libraries the ones this Python package was built for?"
+    )
 
 
-def create_builder(trt, logger):
-    """``trt.Builder(logger)`` with a clear error when libnvinfer returns no builder."""
+def build_plan(trt, pg, network_loader, config_loader, timing_cache: str | None) -> bytes:
+    """Run Polygraphy's build; a nullptr from libnvinfer and Polygraphy's own errors become EngineBuildError."""
+    from polygraphy.exception import PolygraphyException
+
     try:
-        return trt.Builder(logger)
-    except TypeError as exc:  # pybind11: "factory function returned nullptr"
-        detail = "; ".join(getattr(logger, "errors", [])[-3:])
-        raise EngineBuildError(
-            f"TensorRT {trt.__version__} could not create a builder ({exc}){': ' + detail if detail else ''}. "
-            "Is a CUDA GPU visible and are the TensorRT libraries the ones this Python package was built for?"
-        ) from exc
+        plan = pg.EngineBytesFromNetwork(network_loader, config=config_loader, save_timing_cache=timing_cache)()
+    except TypeError as exc:  # pybind11: "factory function returned nullptr" (trt.Builder)
+        if "nullptr" not in str(exc):
+            raise
+        raise EngineBuildError(_nullptr_hint(trt, exc, "builder")) from exc
+    except PolygraphyException as exc:
+        raise EngineBuildError(f"TensorRT (through Polygraphy) failed to build the engine: {exc}") from exc
+    if plan is None:
+        raise EngineBuildError("TensorRT failed to build the engine (no plan; see the TensorRT log above)")
+    return bytes(plan)
 
 
-def create_runtime(trt, logger):
-    """``trt.Runtime(logger)`` with a clear error when libnvinfer returns no runtime."""
+def load_engine(trt, pg, plan: bytes, *, hint: str = ""):
+    """Deserialize a plan with Polygraphy's EngineFromBytes; clear errors for a nullptr or a bad plan."""
+    from polygraphy.exception import PolygraphyException
+
     try:
-        return trt.Runtime(logger)
-    except TypeError as exc:  # pybind11: "factory function returned nullptr"
-        raise EngineLoadError(
-            f"TensorRT {trt.__version__} could not create a runtime ({exc}). Is a CUDA GPU visible and are "
-            "the TensorRT libraries the ones this Python package was built for?"
-        ) from exc
-
-
-def parse_onnx(trt, network, logger, onnx_path: str):
-    """Parse the ONNX file into ``network``; errors name the node. Keep the parser alive until the build ends."""
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.fspath(onnx_path)):
-        msgs = []
-        for i in range(parser.num_errors):
-            parser_error = parser.get_error(i)
-            msgs.append(
-                f"node {parser_error.node()} '{parser_error.node_name()}' ({parser_error.node_operator()}): "
-                f"{parser_error.desc()} [{parser_error.code()}]"
-            )
-        raise EngineBuildError(
-            f"TensorRT's ONNX parser rejected '{onnx_path}': " + " | ".join(msgs or ["(no details)"])
-        )
-    return parser
-
-
-def inspect_engine(trt, logger, plan) -> dict:
-    """Deserialize the plan once: layer JSON from the engine inspector, IO dtypes, layer count."""
-    runtime = create_runtime(trt, logger)
-    engine = runtime.deserialize_cuda_engine(plan)
+        engine = pg.EngineFromBytes(plan)()
+    except TypeError as exc:  # trt.Runtime(logger) returned nullptr
+        if "nullptr" not in str(exc):
+            raise
+        raise EngineLoadError(_nullptr_hint(trt, exc, "runtime")) from exc
+    except PolygraphyException as exc:
+        raise EngineLoadError(f"TensorRT could not deserialize the engine.{hint} {exc}") from exc
     if engine is None:
-        raise EngineBuildError("TensorRT could not deserialize the engine it just built")
+        raise EngineLoadError(f"TensorRT could not deserialize the engine.{hint}")
+    return engine
+
+
+def inspect_engine(trt, engine) -> dict:
+    """Layer JSON from the engine inspector (hand-written: Polygraphy prints it, does not return it), IO dtypes."""
     inspector = engine.create_engine_inspector()
     layers = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     io = {}
@@ -381,74 +383,54 @@ def inspect_engine(trt, logger, plan) -> dict:
 def build_impl(
     onnx_path: str, shapes: ShapeSpec, options: BuildOptions, *, out_dir: str, precision: str, name: str | None
 ) -> EngineArtifact:
-    """Build a TensorRT plan for ``shapes`` from an ONNX precision variant.
+    """Build a TensorRT plan for ``shapes`` from an ONNX precision variant, through Polygraphy.
 
     Raises:
-        MissingDependencyError: tensorrt or cuda-python missing.
+        MissingDependencyError: tensorrt, polygraphy or cuda-python missing.
         UserInputError: a request TensorRT cannot serve (fixed ONNX for another shape,
-            legacy FP16 on TensorRT 11, fp16/int8 without a graph that carries it).
+            legacy FP16 on TensorRT 11, fp16/int8 without a graph that carries it,
+            SAME_COMPUTE_CAPABILITY before 10.9).
     Returns:
         The artifact; a parser/builder/CUDA failure is recorded in ``error``.
     """
     trt = import_tensorrt()
+    pg = import_polygraphy()
     cudart = import_cudart()
     major = check_version(trt)
-    check_onnx_accepts(onnx_path, shapes)
+    io = check_onnx_accepts(onnx_path, shapes)
     carried = graph_precision(onnx_path)
     check_precision_request(precision, carried, legacy_fp16_flag=options.legacy_fp16_flag, onnx_path=onnx_path)
     validate_options(trt, options, precision=precision)
+    network_loader, config_loader, applied = make_loaders(
+        trt, pg, onnx_path, shapes, options, precision=precision, carried=carried
+    )
 
     name = name or f"{BACKEND}_{precision}_{shapes.mode}"
     os.makedirs(out_dir, exist_ok=True)
     plan_path = os.path.join(out_dir, f"{name}.plan")
     layers_path = os.path.join(out_dir, f"{name}.layers.json")
-    flags = network_creation_flags(
-        trt, carries_precision=carried["qdq"] or carried["fp16"], legacy_fp16_flag=options.legacy_fp16_flag
-    )
     meta: dict = {
         "tensorrt_version": trt.__version__,
         "tensorrt_major": major,
         "graph_precision": carried,
-        "strongly_typed": major >= 11 or bool(flags),
+        "strongly_typed": applied["strongly_typed"],
+        "tf32": applied["tf32"],
         "options": options.to_dict(),
+        "config": applied,
+        "num_profiles": applied["num_profiles"],
     }
     t0 = time.perf_counter()
-    logger = make_logger(trt)
     try:
         ensure_device(cudart)
         meta["gpu"] = device_info(cudart)
-        builder = create_builder(trt, logger)
-        network = builder.create_network(flags)
-        parser = parse_onnx(trt, network, logger, onnx_path)
-        if network.num_inputs != 1:
-            raise EngineBuildError(f"expected one network input, TensorRT sees {network.num_inputs}")
-        network_input = network.get_input(0)
-        input_name = network_input.name
-        output_name = network.get_output(0).name
-        config = builder.create_builder_config()
-        meta["config"] = configure(trt, config, options, precision=precision)
-        if any(int(d) < 0 for d in network_input.shape):
-            meta["num_profiles"] = add_profiles(builder, config, input_name, shapes)
-        else:  # a static network: no profile to add (check_onnx_accepts matched its shape)
-            meta["num_profiles"] = 0
-        cache_path = options.timing_cache
-        if cache_path:
-            meta["timing_cache"] = load_timing_cache(
-                config, cache_path, ignore_mismatch=bool(options.extra.get("timing_cache_ignore_mismatch", False))
-            )
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            detail = " | ".join(logger.errors[-5:]) or "no error message from TensorRT"
-            raise EngineBuildError(f"TensorRT failed to build the engine: {detail}")
-        del parser  # the parser owns the weights until the build is done
-        if cache_path:
-            meta["timing_cache"]["saved_bytes"] = save_timing_cache(config, cache_path)
+        plan = build_plan(trt, pg, network_loader, config_loader, options.timing_cache)
+        # Not SaveEngine: it writes in place; a crash must never leave half a plan.
         with atomic_path(plan_path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(plan)
         build_s = time.perf_counter() - t0
         try:
-            details = inspect_engine(trt, logger, plan)
+            details = inspect_engine(trt, load_engine(trt, pg, plan))
             with atomic_path(layers_path) as tmp:
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.write(details.pop("layers_json"))
@@ -456,11 +438,9 @@ def build_impl(
             meta["layers_json"] = layers_path
         except Exception as exc:  # the plan is good; only the report is missing
             meta["inspect_error"] = f"{type(exc).__name__}: {exc}"
-        meta["warnings"] = logger.warnings[-20:]
     except (UserInputError, MissingDependencyError):
         raise
     except Exception as exc:  # CudaError, EngineBuildError, TensorRT's own errors: record, don't crash a sweep
-        meta["log_errors"] = logger.errors[-10:]
         return error_artifact(BACKEND, precision, onnx_path, shapes, exc, build_s=time.perf_counter() - t0, meta=meta)
     return EngineArtifact(
         backend=BACKEND,
@@ -468,8 +448,8 @@ def build_impl(
         path=plan_path,
         source_onnx=onnx_path,
         shapes=shapes,
-        input_name=input_name,
-        output_name=output_name,
+        input_name=io.input_name,
+        output_name=io.output_name,
         build_s=build_s,
         sha256=sha256_file(plan_path),
         size_bytes=os.path.getsize(plan_path),
@@ -481,15 +461,17 @@ def build_impl(
 
 
 class TensorRTRunner(Runner):
-    """Runs a TensorRT plan: pinned host buffers, device buffers and a stream owned by the runner.
+    """Runs a TensorRT plan with Polygraphy's ``TrtRunner``, timing the device work with CUDA events.
 
-    ``infer`` selects the optimization profile that ShapeSpec.check picks for the input,
-    sets the input shape, copies host → device, enqueues ``execute_async_v3`` (or launches a
-    CUDA graph captured for that shape), copies back and returns float32 numpy.
-    Buffers grow on demand and are freed in ``deactivate``.
+    The first call after an input-shape (or profile) change goes through ``TrtRunner.infer``:
+    Polygraphy sets the shape, binds its buffers and enqueues once (the plain enqueue TensorRT
+    needs after a shape change). Later calls with that shape use the hand-written
+    :meth:`_enqueue_timed` on the same context and buffers: events around the copies and the
+    enqueue (or a CUDA graph replay, with ``cuda_graph``), so ``last_cuda_timing_ms`` is device time.
     """
 
     name = "tensorrt"
+    cuda_timing = True  # the benchmark harness records last_cuda_timing_ms() beside host time
 
     def __init__(
         self,
@@ -512,51 +494,41 @@ class TensorRTRunner(Runner):
         self._reset()
 
     def _reset(self) -> None:
-        # Drop references in dependency order: context, then engine, then runtime.
-        self._context = None
+        self._trt_runner = None
         self._engine = None
-        self._runtime = None
-        self._logger = None
-        self._trt = None
         self._cudart = None
-        self._stream = None
-        self._buffers: dict[str, tuple[DeviceBuffer, PinnedBuffer]] = {}
-        self._graphs: dict[tuple, CudaGraph] = {}
-        self._profile_index = 0  # a new execution context starts on profile 0
-        self._dtypes: dict[str, np.dtype] = {}
+        self._timer: EventTimer | None = None
+        self._graphs: GraphCache | None = None
+        self._key: tuple | None = None  # (profile, input shape) the context is set up for
+        self._last_timing: dict | None = None
+        self._in_dtype = self._out_dtype = np.dtype(np.float32)
 
     def activate_impl(self) -> None:
         trt = import_tensorrt()
+        pg = import_polygraphy()
         cudart = import_cudart()
         check_version(trt)
         ensure_device(cudart, self.device_id)
-        self._trt, self._cudart = trt, cudart
-        self._logger = make_logger(trt)
+        self._cudart = cudart
         try:
-            self._runtime = create_runtime(trt, self._logger)
             with open(self.plan_path, "rb") as f:
                 blob = f.read()
-            self._engine = self._runtime.deserialize_cuda_engine(blob)
-            if self._engine is None:
-                raise EngineLoadError(self._load_failure_message(trt))
+            self._engine = load_engine(trt, pg, blob, hint=self._load_hint(trt))
             names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
             for tname in (self.input_name, self.output_name):
                 if tname not in names:
                     raise EngineLoadError(f"'{self.plan_path}' has no tensor '{tname}' (tensors: {names})")
-            for tname in names:
-                self._dtypes[tname] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(tname)))
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
-                raise EngineLoadError(
-                    f"TensorRT could not create an execution context for '{self.plan_path}' "
-                    f"(out of GPU memory?): {' | '.join(self._logger.errors[-3:])}"
-                )
-            self._stream = Stream(cudart)
+            self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
+            self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output_name)))
+            self._trt_runner = pg.TrtRunner(self._engine)
+            self._trt_runner.activate()
+            self._timer = EventTimer(cudart)
+            self._graphs = GraphCache(cudart, self._trt_runner.stream.ptr, self._execute)
         except BaseException:
             self._release()
             raise
 
-    def _load_failure_message(self, trt) -> str:
+    def _load_hint(self, trt) -> str:
         built = self.built_with
         hint = ""
         if built.get("tensorrt_version") and built["tensorrt_version"] != trt.__version__:
@@ -564,87 +536,88 @@ class TensorRTRunner(Runner):
         gpu = built.get("gpu") or {}
         if gpu:
             hint += f" It was built on {gpu.get('name')} (compute capability {gpu.get('compute_capability')})."
-        detail = " | ".join(self._logger.errors[-3:])
         return (
-            f"TensorRT could not deserialize '{self.plan_path}'.{hint} Engines are tied to the TensorRT "
-            f"version and GPU: rebuild it here (fixres-deploy build). {detail}"
+            f" '{self.plan_path}':{hint} Engines are tied to the TensorRT version and GPU: rebuild it here "
+            "(fixres-deploy build)."
         )
 
-    def _ensure_buffer(self, tname: str, nbytes: int) -> tuple[DeviceBuffer, PinnedBuffer]:
-        have = self._buffers.get(tname)
-        if have is not None and have[0].nbytes >= nbytes:
-            return have
-        if have is not None:
-            have[0].free()
-            have[1].free()
-        self._free_graphs()  # captured graphs hold the old addresses
-        pair = (DeviceBuffer(self._cudart, nbytes), PinnedBuffer(self._cudart, nbytes))
-        self._buffers[tname] = pair
-        self._context.set_tensor_address(tname, pair[0].ptr)
-        return pair
+    @property
+    def _context(self):
+        return self._trt_runner.context
 
     def _execute(self) -> None:
-        if not self._context.execute_async_v3(self._stream.handle):
-            raise FixResError(f"TensorRT execute_async_v3 failed: {' | '.join(self._logger.errors[-3:])}")
+        context = self._context
+        if not context.execute_async_v3(self._trt_runner.stream.ptr):
+            raise FixResError("TensorRT execute_async_v3 failed (see the TensorRT log)")
 
     def infer_impl(self, x: np.ndarray) -> np.ndarray:
         index = self.shapes.check(x.shape) if self.shapes is not None else 0
-        if index != self._profile_index:
-            if not self._context.set_optimization_profile_async(index, self._stream.handle):
-                raise FixResError(f"TensorRT could not select optimization profile {index}")
-            self._profile_index = index
-        if not self._context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise FixResError(f"TensorRT refused input shape {list(x.shape)} for profile {index}")
+        x = np.ascontiguousarray(x, dtype=self._in_dtype)  # an fp16-I/O engine takes fp16
+        key = (index, tuple(x.shape))
+        if key != self._key:
+            # Shape or profile switch: Polygraphy sets it up and enqueues once; graphs are stale.
+            self._graphs.invalidate()
+            if self._engine.num_optimization_profiles > 1:
+                self._trt_runner.set_profile(index)
+            self._key = None
+            out = self._trt_runner.infer({self.input_name: x})[self.output_name]
+            self._key = key
+            self._graphs.note_plain_enqueue(key)
+            self._last_timing = None  # host path: no device-only time for this call
+            return np.asarray(out, dtype=np.float32).copy()
+        return self._enqueue_timed(x, key)
+
+    def _enqueue_timed(self, x: np.ndarray, key: tuple) -> np.ndarray:
+        """H2D, enqueue (or graph replay), D2H on Polygraphy's buffers, bracketed by four CUDA events."""
+        runner, timer, cudart = self._trt_runner, self._timer, self._cudart
+        stream = runner.stream.ptr
+        dev_in = runner.device_input_buffers[self.input_name].ptr
+        dev_out = runner.output_allocator.buffers[self.output_name].ptr
         out_shape = tuple(self._context.get_tensor_shape(self.output_name))
-        in_dtype, out_dtype = self._dtypes[self.input_name], self._dtypes[self.output_name]
-        x = np.ascontiguousarray(x, dtype=in_dtype)
-        out_nbytes = int(np.prod(out_shape)) * out_dtype.itemsize
-        dev_in, host_in = self._ensure_buffer(self.input_name, x.nbytes)
-        dev_out, host_out = self._ensure_buffer(self.output_name, out_nbytes)
-        host_in.view(in_dtype, x.shape)[...] = x
-        self._stream.copy_htod(dev_in.ptr, host_in.ptr, x.nbytes)
+        host_out = np.empty(out_shape, dtype=self._out_dtype)
+        timer.record(0, stream)
+        memcpy_async(cudart, dev_in, x.ctypes.data, x.nbytes, "htod", stream)
+        timer.record(1, stream)
         if self.cuda_graph:
-            key = (index, tuple(x.shape))
-            graph = self._graphs.get(key)
-            if graph is None:
-                self._execute()  # one plain enqueue first: TensorRT applies shape changes lazily
-                graph = CudaGraph(self._cudart, self._stream, self._execute)
-                self._graphs[key] = graph
-            graph.launch(self._stream)
+            self._graphs.run(key)
         else:
             self._execute()
-        self._stream.copy_dtoh(host_out.ptr, dev_out.ptr, out_nbytes)
-        self._stream.synchronize()
-        return host_out.view(out_dtype, out_shape).astype(np.float32, copy=True)
+        timer.record(2, stream)
+        memcpy_async(cudart, host_out.ctypes.data, dev_out, host_out.nbytes, "dtoh", stream)
+        timer.record(3, stream)
+        synchronize(cudart, stream)
+        self._last_timing = timer.elapsed_ms()
+        return host_out.astype(np.float32, copy=False)
 
-    def _free_graphs(self) -> None:
-        graphs, self._graphs = self._graphs, {}
-        for graph in graphs.values():
-            graph.free()
+    def last_cuda_timing_ms(self) -> dict | None:
+        """{"h2d_ms", "compute_ms", "d2h_ms"} of the last call (None after a shape switch)."""
+        return self._last_timing
 
     def _release(self) -> None:
         errors = []
-        for step in (self._free_graphs, self._free_buffers, self._destroy_stream):
+        for step in (self._free_graphs, self._free_timer, self._deactivate_trt_runner):
             try:
                 step()
-            except CudaError as exc:
+            except (CudaError, FixResError) as exc:
                 errors.append(str(exc))
         self._reset()
         if errors:
             log.warning("TensorRT runner cleanup: %s", "; ".join(errors))
 
-    def _free_buffers(self) -> None:
-        buffers, self._buffers = self._buffers, {}
-        for dev, host in buffers.values():
-            dev.free()
-            host.free()
+    def _free_graphs(self) -> None:
+        if self._graphs is not None:
+            self._graphs.invalidate()
 
-    def _destroy_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.destroy()
+    def _free_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.free()
+
+    def _deactivate_trt_runner(self) -> None:
+        if self._trt_runner is not None and self._trt_runner.is_active:
+            self._trt_runner.deactivate()
 
     def deactivate_impl(self) -> None:
-        # Graphs and buffers before the context, the context before the engine.
+        # Graphs before the context (TrtRunner frees its context, buffers and stream).
         self._release()
 
 

@@ -20,6 +20,19 @@ from fixres_deploy.core.utils import sha256_file
 BACKEND = "torch"
 
 
+def set_tf32(torch, enabled: bool) -> tuple[bool, bool]:
+    """Allow or forbid TF32 in cuBLAS matmuls and cuDNN convolutions; returns the previous flags.
+
+    PyTorch allows TF32 in cuDNN by default (10-bit mantissa on Ampere and newer), so an
+    "fp32" GPU row would silently be TF32; fixres-deploy forbids it unless asked, and labels
+    a row that allowed it "tf32".
+    """
+    previous = (bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32))
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return previous
+
+
 class TorchRunner(Runner):
     """Runs an ``nn.Module`` under ``torch.inference_mode``; numpy in, float32 numpy out.
 
@@ -28,6 +41,8 @@ class TorchRunner(Runner):
         shapes: optional ShapeSpec to refuse shapes like an engine would (None: any shape).
         device: "cpu", "cuda", "cuda:1", ...
         half: compute in float16 (the fp16 reference on a GPU).
+        tf32: on a GPU in fp32, allow TF32 tensor cores (the row is then labelled "tf32");
+            default False: fp32 is true fp32.
     """
 
     name = "torch"
@@ -39,6 +54,7 @@ class TorchRunner(Runner):
         shapes: ShapeSpec | None = None,
         device: str = "cpu",
         half: bool = False,
+        tf32: bool = False,
         input_name: str = "input",
         output_name: str = "logits",
     ):
@@ -46,8 +62,17 @@ class TorchRunner(Runner):
         self.model = model
         self.device = device
         self.half = half
+        self.tf32 = tf32
+        self._tf32_before: tuple[bool, bool] | None = None
         self._module = None
         self._torch = None
+
+    @property
+    def precision_label(self) -> str:
+        """What the runner computes in: "fp16", "tf32" (fp32 on a GPU with TF32 allowed) or "fp32"."""
+        if self.half:
+            return "fp16"
+        return "tf32" if self.tf32 and str(self.device).startswith("cuda") else "fp32"
 
     @classmethod
     def from_checkpoint(cls, path: str, **kw) -> TorchRunner:
@@ -66,6 +91,8 @@ class TorchRunner(Runner):
         module = module.to(self.device)
         if self.half:
             module = module.half()
+        if str(self.device).startswith("cuda"):
+            self._tf32_before = set_tf32(torch, self.tf32 and not self.half)
         self._module = module.eval()
         self._torch = torch
 
@@ -82,6 +109,9 @@ class TorchRunner(Runner):
         torch = self._torch
         self._module = None
         if torch is not None and str(self.device).startswith("cuda"):
+            if self._tf32_before is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+                self._tf32_before = None
             torch.cuda.empty_cache()
         self._torch = None
 
@@ -133,15 +163,16 @@ def build_impl(
 
 
 def runner_from_artifact(artifact: EngineArtifact, **options) -> TorchRunner:
-    """Options: device (default: the artifact's), half (default: precision == fp16)."""
-    unknown = sorted(set(options) - {"device", "half"})
+    """Options: device (default: the artifact's), half (default: precision == fp16), tf32 (default False)."""
+    unknown = sorted(set(options) - {"device", "half", "tf32"})
     if unknown:
-        raise UserInputError(f"unknown torch runner option(s) {unknown}; known: ['device', 'half']")
+        raise UserInputError(f"unknown torch runner option(s) {unknown}; known: ['device', 'half', 'tf32']")
     return TorchRunner.from_checkpoint(
         artifact.path,
         shapes=artifact.shapes,
         device=options.get("device", artifact.meta.get("device", "cpu")),
         half=options.get("half", artifact.precision == "fp16"),
+        tf32=bool(options.get("tf32", False)),
         input_name=artifact.input_name,
         output_name=artifact.output_name,
     )

@@ -11,6 +11,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from fixres_deploy.choose.report_sections import (
+    diagnostics_markdown,
+    latency_ratio_section,
+    ratios_markdown,
+    write_diagnostic_plot,
+)
 from fixres_deploy.choose.select import (
     NoFeasiblePointError,
     SelectionConfig,
@@ -28,7 +34,9 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "fixres-deploy/report"
 #: 2: ``schema_version`` (was ``version``)
-REPORT_SCHEMA_VERSION = 2
+#: 3: ``latency_ratios`` (per-round ratios with intervals), ``latency_groups``, ``rerun_rounds``,
+#:    ``diagnostics``
+REPORT_SCHEMA_VERSION = 3
 
 REPORT_POINT_FIELDS = (
     "resolution",
@@ -99,10 +107,13 @@ def build_report(sweep, cfg: SelectionConfig | None = None) -> dict:
         "peak_gflops": sweep.peak_gflops,
         "failures": sweep.failures,
         "contended_points": sum(1 for p in points if p.contended),
+        **latency_ratio_section(points, sel, naive, cfg, sweep.latency_groups),
+        "diagnostics": sweep.diagnostics,
         "sweep_seconds": sweep.seconds,
         "store": {"hits": sweep.store_hits, "misses": sweep.store_misses},
         "preprocess": sweep.preprocess,
         "class_names": sweep.class_names,
+        "tensorrt_int8_prediction": sweep.tensorrt_int8_prediction,  # sweep/trt_int8.py
     }
     return stamp(body, REPORT_FORMAT, REPORT_SCHEMA_VERSION)
 
@@ -132,6 +143,8 @@ def write_report(sweep, out_dir: str | os.PathLike, cfg: SelectionConfig | None 
 
 
 def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
+    from fixres_deploy.sweep import trt_int8
+
     cfg = SelectionConfig(**rep["selection_config"])
     chosen = points[rep["selected"]]
     lines = ["# fixres-deploy report", ""]
@@ -148,8 +161,9 @@ def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
                 f"{gain['label']}, no slower than naive."
             )
         if speed:
+            kind = "95% bootstrap CI over paired rounds" if speed.get("paired") else "≈95% range"
             lines.append(
-                f"- **Iso-accuracy speedup: {speed['value']:.2f}x** (≈95% range {speed['ci'][0]:.2f}–"
+                f"- **Iso-accuracy speedup: {speed['value']:.2f}x** ({kind} {speed['ci'][0]:.2f}–"
                 f"{speed['ci'][1]:.2f}) — {speed['label']}, top-1 not significantly below naive "
                 f"({speed['top1_diff'] * 100:+.1f} pts)."
             )
@@ -165,6 +179,8 @@ def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
         "",
     ]
     lines += ["## Pareto front", "", _table(points, rep["pareto"]), ""]
+    lines += ratios_markdown(points, rep)
+    lines += diagnostics_markdown(rep)
     if rep.get("finetune_curve"):
         lines += [
             "## Top-1 vs test resolution (fp32)",
@@ -189,6 +205,7 @@ def render_markdown(points: Sequence[SweepPoint], rep: dict) -> str:
             lines += [f"![{title}]({os.path.basename(rep['plots'][name])})", ""]
     ok = [i for i, p in enumerate(points) if p.ok]
     lines += ["## All points", "", _table(points, ok), ""]
+    lines += trt_int8.markdown(rep.get("tensorrt_int8_prediction") or [])
     if rep.get("peak_gflops"):
         lines.append(
             f"Machine peak (large fp32 matrix product): {rep['peak_gflops']:.1f} GFLOP/s. "
@@ -332,6 +349,12 @@ def write_plots(points: Sequence[SweepPoint], rep: dict, out_dir: Path) -> dict:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         out["accuracy_latency"] = _save(fig, out_dir / "accuracy_latency.png")
+
+    # 4. the FixRes diagnostic: pooled-feature distributions per test resolution
+    if rep.get("diagnostics"):
+        fig = write_diagnostic_plot(plt, rep["diagnostics"])
+        if fig is not None:
+            out["pooled_features"] = _save(fig, out_dir / "pooled_features.png")
     return out
 
 

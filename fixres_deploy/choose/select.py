@@ -13,10 +13,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from fixres_deploy.choose.ratios import paired_ratio, ratio_stat
 from fixres_deploy.core.errors import FixResError, UserInputError
 from fixres_deploy.core.stats import mcnemar_test, paired_diff_interval
 from fixres_deploy.sweep.config import SelectionConfig
 from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.shard import check_one_machine
 
 
 class NoFeasiblePointError(FixResError):
@@ -70,6 +72,15 @@ def latency_spread_ms(p: SweepPoint, percentile: str = "p50") -> float:
 
 
 def latency_tied(a: SweepPoint, b: SweepPoint, cfg: SelectionConfig) -> bool:
+    """Whether two points are equally fast as far as the measurement can tell.
+
+    Timed in the same interleaved rounds: tied exactly when the 95% interval of their per-round
+    ratio contains 1 (:mod:`fixres_deploy.choose.ratios`). Otherwise (different groups, old
+    sweeps): the difference is within ``latency_rel_tie`` or the measured spreads.
+    """
+    paired = paired_ratio(a, b, ratio_stat(cfg.metric, cfg.percentile))
+    if paired is not None:
+        return paired["contains_1"]
     ca, cb = abs(cost(a, cfg)), abs(cost(b, cfg))
     tol = max(
         cfg.latency_rel_tie * max(ca, cb),
@@ -168,6 +179,7 @@ def select_point(points: Sequence[SweepPoint], cfg: SelectionConfig | None = Non
     """
     cfg = cfg or SelectionConfig()
     cand = eligible(points, cfg)
+    check_one_machine([points[i] for i in cand], cfg.allow_mixed_machines)  # sharded sweeps: one kind of machine
     front = pareto_front(points, cfg, cand)
     best_acc = max(cand, key=lambda i: (points[i].top1, -cost(points[i], cfg)))
 
@@ -309,7 +321,8 @@ def headline_figures(points: Sequence[SweepPoint], naive: int, cfg: SelectionCon
     iso_latency_gain: top-1 of the most accurate point no slower than naive (same backend
     and batch; latency ties count as no slower) minus naive top-1, with a paired 95% interval
     and McNemar p. iso_accuracy_speedup: naive latency over the latency of the fastest point
-    whose top-1 is not significantly below naive, with an interval from the measured spreads.
+    whose top-1 is not significantly below naive, with the bootstrap interval of the per-round
+    ratio when both were timed in the same rounds (``paired``), else one from the measured spreads.
     """
     n = points[naive]
     same = [i for i, p in enumerate(points) if p.ok and p.backend == n.backend and p.batch_size == n.batch_size]
@@ -327,16 +340,22 @@ def headline_figures(points: Sequence[SweepPoint], naive: int, cfg: SelectionCon
     ok_acc = [i for i in same if accuracy_not_below(points[i], n, cfg.alpha)[0]]
     f = min(ok_acc, key=lambda i: (cost(points[i], cfg), -points[i].top1))
     fp = points[f]
-    if cfg.metric == "throughput":
-        ratio = fp.throughput_ips / n.throughput_ips
-        rel = 0.0
+    paired = paired_ratio(n, fp, ratio_stat(cfg.metric, cfg.percentile))
+    if paired is not None:  # naive time over point time, per round
+        ratio, ci = paired["ratio"], paired["ci"]
     else:
-        la, lb = n.latency(cfg.percentile), fp.latency(cfg.percentile)
-        ratio = la / lb
-        rel = math.hypot(latency_spread_ms(n, cfg.percentile) / la, latency_spread_ms(fp, cfg.percentile) / lb)
+        if cfg.metric == "throughput":
+            ratio = fp.throughput_ips / n.throughput_ips
+            rel = 0.0
+        else:
+            la, lb = n.latency(cfg.percentile), fp.latency(cfg.percentile)
+            ratio = la / lb
+            rel = math.hypot(latency_spread_ms(n, cfg.percentile) / la, latency_spread_ms(fp, cfg.percentile) / lb)
+        ci = [ratio * (1 - 1.96 * rel), ratio * (1 + 1.96 * rel)]
     speedup = {
         "value": ratio,
-        "ci": [ratio * (1 - 1.96 * rel), ratio * (1 + 1.96 * rel)],
+        "ci": ci,
+        "paired": paired is not None,
         "point": f,
         "label": fp.label,
         "naive": naive,

@@ -261,10 +261,17 @@ def _evaluate_parser(sub) -> None:
 
 @command("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from fixres_deploy.core import distributed
+
+    _set_threads(args)
+    with distributed.session():  # under torchrun: one process group for the command; else nothing
+        return _finetune(args, main=distributed.is_main())
+
+
+def _finetune(args: argparse.Namespace, *, main: bool) -> int:
     from fixres_deploy.core.utils import parse_int_list
     from fixres_deploy.fixres.finetune import FinetuneOptions, finetune_checkpoint
 
-    _set_threads(args)
     resolutions = parse_int_list(args.resolutions, "--resolutions")
     _check_pixels(args, resolutions, [args.batch_size], "--resolutions/--batch-size")
     loaded = load_from_args(args, image_size=max(resolutions))
@@ -279,6 +286,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         bn_stats_only=args.bn_stats_only,
         final_bn_pass=not args.no_final_bn_pass,
         cache=not args.no_cache,
+        cache_budget_gb=args.cache_budget_gb,
+        cache_dtype=args.cache_dtype,
+        cache_dir=args.cache_dir,
         workers=args.workers,
         seed=args.seed,
     )
@@ -295,6 +305,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
     )
     rows = [r.to_dict() for r in results]
+    if not main:
+        return 0  # rank 0 prints the result
     _emit(
         args,
         rows,
@@ -341,6 +353,19 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--bn-stats-only", action="store_true", help="no training: re-estimate BN statistics in one pass")
     p.add_argument("--no-final-bn-pass", action="store_true", help="keep the EMA statistics of training")
     p.add_argument("--no-cache", action="store_true", help="naive loop (no activation cache)")
+    p.add_argument(
+        "--cache-budget-gb",
+        type=float,
+        help="most the activation cache may take per process (default: half the free memory, or disk with "
+        "--cache-dir, per process); beyond it images are streamed every epoch",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="activation cache storage (fp16: half the bytes)",
+    )
+    p.add_argument("--cache-dir", help="keep the activation cache on disk here (one file per rank), not in memory")
     p.add_argument("--bn", action="append", help="BatchNorm module to adapt (repeatable; default: discovered)")
     p.add_argument("--head", action="append", help="classifier module to train (repeatable; default: discovered)")
     p.add_argument("--seed", type=int, default=0)
@@ -476,6 +501,7 @@ COMMAND_MODULES = [
         "fixres_deploy.cli.sweep",  # sweep, select, report, run
         "fixres_deploy.cli.ship",  # bundle, predict, triton
         "fixres_deploy.cli.store",  # store check, store gc
+        "fixres_deploy.cli.serve",  # export-multires, serve
     )
     if importlib.util.find_spec(name) is not None
 ]

@@ -28,6 +28,11 @@ def cmd_sweep(args) -> int:
     cfg.validate()  # before anything is written
     config.write_effective_config(cfg, args.out)
     res = run_sweep(cfg, args.out)
+    if cfg.shard:
+        from fixres_deploy.sweep.shard import shard_summary
+
+        _emit(args, shard_summary(cfg, args.out, res.store_misses, res.store_hits, res.seconds), lambda d: d["reason"])
+        return 0
     ok = sum(1 for p in res.points if p.ok)
     _emit(
         args,

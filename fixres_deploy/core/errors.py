@@ -23,6 +23,11 @@ class MissingDependencyError(FixResError, ImportError):
     """An optional library is needed for this feature; the message names the pip extra."""
 
 
+# The GPU extras pin one CUDA major each (tensorrt-cuXX, cuda-python, onnxruntime-gpu must agree).
+GPU_EXTRA = "gpu-cu12"
+GPU_EXTRA_HINT = " (or 'fixres-deploy[gpu-cu13]' with a CUDA 13 driver)"
+
+
 def require_any(modules: tuple[str, ...], extra: str, feature: str, package: str, hint: str = ""):
     """Import the first importable of ``modules`` (e.g. a package's new and old locations).
 

@@ -258,6 +258,27 @@ def default_workers() -> int:
     return max(0, min(4, n - 1))
 
 
+class ShardSampler:
+    """Indices ``rank, rank + world, ...`` of a data set: every image on exactly one rank.
+
+    torch's DistributedSampler pads the last shard with repeated images (or drops some with
+    ``drop_last``) so that every rank has the same count; an evaluation or a BN-statistics
+    pass must see each image once, so this sampler shards without padding (counts differ
+    by at most one) and the callers all-reduce counts and gather per-image results by index.
+    """
+
+    def __init__(self, n: int, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise DataError(f"shard {rank}/{world}: need 0 <= rank < world")
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(
     index: ImageFolderIndex,
     transform: Callable,
@@ -268,18 +289,30 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     dataset: ImageDataset | None = None,
+    shard: tuple[int, int] | None = None,
 ):
-    """A DataLoader over ``index`` that yields ``(images, labels, indices, skipped)``."""
+    """A DataLoader over ``index`` that yields ``(images, labels, indices, skipped)``.
+
+    Args:
+        shard: ``(rank, world)``: this process reads only its :class:`ShardSampler` share
+            (in order, no padding); ``indices`` stay indices into the whole ``index``.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     workers = default_workers() if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sampler = None
+    if shard is not None and shard[1] > 1:
+        if shuffle:
+            raise DataError("make_loader: shard and shuffle together are not supported (shard a fixed order)")
+        sampler = ShardSampler(len(index), *shard)
     return DataLoader(
         dataset if dataset is not None else ImageDataset(index, transform),
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skipping,
         generator=generator,

@@ -377,7 +377,8 @@ def validate_onnx(
 
     Args:
         onnx_path: the exported file.
-        model: the torch module it came from (put in eval mode).
+        model: the torch module it came from (put in eval mode), or ``{resolution: module}``
+            to compare each resolution with its own reference.
         batches: {K: float32 (N, 3, K, K)} preprocessed real images. A file with a dynamic
             batch axis is also run on the first image alone (batch 1); a fixed-batch file is
             run in chunks of its batch size.
@@ -413,8 +414,12 @@ def validate_onnx(
     in_shape = inputs[0].shape
     fixed_batch = in_shape[0] if isinstance(in_shape[0], int) else None
     fixed_hw = tuple(in_shape[2:]) if all(isinstance(d, int) for d in in_shape[2:]) else None
-    model.eval()
+    references = model if isinstance(model, dict) else dict.fromkeys(batches, model)
+    missing = sorted(set(batches) - set(references))
+    if missing:
+        raise UserInputError(f"no reference model for resolution(s) {missing} (have {sorted(references)})")
     for res in sorted(batches):
+        model = references[res].eval()
         x = np.ascontiguousarray(batches[res], dtype=np.float32)
         if fixed_hw is not None and tuple(x.shape[2:]) != fixed_hw:
             raise UserInputError(
@@ -624,6 +629,8 @@ def export_onnx(
     model_spec: str | None = None,
     tolerance: ValidationTolerance | None = ValidationTolerance(),
     write_sidecar: bool = True,
+    reference_models: dict | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export a torch classifier to ONNX, record its preprocessing, validate it.
 
@@ -646,6 +653,10 @@ def export_onnx(
         model_spec: written to the metadata when given.
         tolerance: a :class:`ValidationTolerance`, or None to skip validation.
         write_sidecar: also write ``<path>.json`` with the :class:`ExportResult`.
+        reference_models: ``{resolution: torch module}`` to validate against at each
+            resolution instead of ``model`` (the multi-resolution head bank is checked against
+            each FixRes checkpoint at its own resolution).
+        extra_metadata: further ``metadata_props`` entries.
 
     Returns:
         The :class:`ExportResult`.
@@ -699,7 +710,7 @@ def export_onnx(
         )
         export_s = time.perf_counter() - t0
         proto = onnx.load(tmp_onnx)  # pulls any external data the exporter wrote into memory
-    set_metadata(proto, _metadata_for(cfg, class_names, model_spec))
+    set_metadata(proto, {**_metadata_for(cfg, class_names, model_spec), **(extra_metadata or {})})
     if os.path.exists(path + ".json"):
         os.unlink(path + ".json")  # a sidecar describes the file beside it: never a stale one
     external = proto.ByteSize() >= PROTOBUF_LIMIT_BYTES - (64 << 20)
@@ -725,7 +736,7 @@ def export_onnx(
         batches = validation_batches(validation_images, cfg, validate_resolutions)
         report = validate_onnx(
             path,
-            model,
+            reference_models if reference_models is not None else model,
             batches,
             input_name=input_name,
             output_name=output_name,

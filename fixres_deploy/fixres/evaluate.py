@@ -111,6 +111,19 @@ class AccuracyMeter:
         self.correct5.append((top == labels[:, None]).any(axis=1))
         self.indices.append(np.asarray(indices))
 
+    def gathered(self) -> AccuracyMeter:
+        """The hits of every rank (torchrun) in one meter; :meth:`result` orders them by image index."""
+        from fixres_deploy.core.distributed import all_gather_object
+
+        parts = all_gather_object((self.correct1, self.correct5, self.indices, self.skips.skipped), "gather accuracy")
+        out = AccuracyMeter()
+        for c1, c5, idx, skipped in parts:
+            out.correct1 += c1
+            out.correct5 += c5
+            out.indices += idx
+            out.skips.extend(skipped)
+        return out
+
     def result(self, resolution: int | None = None) -> EvalResult:
         c1 = np.concatenate(self.correct1) if self.correct1 else np.zeros(0, dtype=bool)
         c5 = np.concatenate(self.correct5) if self.correct5 else np.zeros(0, dtype=bool)
@@ -141,12 +154,15 @@ def evaluate_predict_fn(
     batch_size: int = 32,
     workers: int | None = None,
     desc: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Accuracy of any ``predict(float32 NCHW) -> logits`` (an engine runner, a torch model).
 
-    Images are preprocessed with the torchvision eval transform built from ``cfg``.
+    Images are preprocessed with the torchvision eval transform built from ``cfg``. With
+    ``shard=(rank, world)`` (torchrun) each rank evaluates its share and the per-image
+    results of all ranks are gathered, so every rank returns the whole set's result.
     """
-    loader = make_loader(index, eval_transform(cfg), batch_size=batch_size, workers=workers)
+    loader = make_loader(index, eval_transform(cfg), batch_size=batch_size, workers=workers, shard=shard)
     meter = AccuracyMeter()
     for images, labels, indices, skipped in progress(
         loader, desc=desc or f"eval @{cfg.test_input_size}", total=len(loader)
@@ -156,6 +172,8 @@ def evaluate_predict_fn(
             continue
         logits = predict(images.numpy())
         meter.update(logits, labels.numpy(), indices.numpy())
+    if shard is not None and shard[1] > 1:
+        meter = meter.gathered()
     result = meter.result(cfg.test_input_size)
     if result.skipped:
         log.warning("skipped %d unreadable images (first: %s)", result.skipped, result.skipped_files[0]["path"])
@@ -183,10 +201,13 @@ def evaluate_model(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "cpu",
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 with 95% CIs of a torch model on an ImageFolder at ``cfg``'s resolution."""
     index = data if isinstance(data, ImageFolderIndex) else index_image_folder(data)
-    return evaluate_predict_fn(torch_predict_fn(model, device), index, cfg, batch_size=batch_size, workers=workers)
+    return evaluate_predict_fn(
+        torch_predict_fn(model, device), index, cfg, batch_size=batch_size, workers=workers, shard=shard
+    )
 
 
 def index_for_model(data: str | ImageFolderIndex, loaded) -> ImageFolderIndex:

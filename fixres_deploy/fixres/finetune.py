@@ -24,15 +24,19 @@ same order) at a fraction of the cost; ``tools/bench_finetune.py`` measures the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fixres_deploy.core import distributed as dist
 from fixres_deploy.core.errors import UserInputError
 from fixres_deploy.core.preprocess import PreprocessConfig, finetune_transform
 from fixres_deploy.core.utils import progress
@@ -266,6 +270,12 @@ class TailSplit:
                 for a in n.all_input_nodes:
                     if a not in tail and a not in frontier:
                         frontier.append(a)
+        # ``x.size(0)`` (e.g. efficientnet's ``view(x.size(0), -1)``) is the batch size, an int:
+        # it cannot be cached per image, so the tail recomputes it from a cached tensor.
+        batch_sizes = [n for n in frontier if _is_batch_size_node(n)]
+        frontier = [n for n in frontier if n not in batch_sizes]
+        if not frontier:
+            raise UserInputError("the tail of the model needs no cached activation; nothing to cache")
         self.frontier_names = [n.name for n in frontier]
 
         trunk_graph = fx.Graph()
@@ -286,11 +296,21 @@ class TailSplit:
         env2: dict = {}
         for i, n in enumerate(frontier):
             env2[n] = tail_graph.placeholder(f"frontier_{i}")
+        for n in batch_sizes:
+            env2[n] = tail_graph.call_method("size", (env2[frontier[0]], 0))
         for n in nodes:
             if n in tail:
                 env2[n] = tail_graph.node_copy(n, lambda a: env2[a])
         self.trunk = fx.GraphModule(model, trunk_graph)
         self.tail = fx.GraphModule(model, tail_graph)
+
+
+def _is_batch_size_node(node) -> bool:
+    """An fx node computing ``t.size(0)`` (the batch size; activations are batch-first)."""
+    if node.op != "call_method" or node.target != "size":
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim == 0
 
 
 # --------------------------------------------------------------------------- training
@@ -302,7 +322,7 @@ class FinetuneOptions:
 
     Attributes:
         epochs: passes over the fine-tune data.
-        batch_size: images per step.
+        batch_size: images per step (the global batch: under torchrun it is split over ranks).
         lr: SGD learning rate; ``None`` → FixRes' rule 8 × 1e-3 × batch / 512, times
             ``lr_boost`` (few epochs on small data need more than ImageNet's 56 epochs).
         lr_boost: multiplier of the FixRes rule when ``lr`` is None.
@@ -314,7 +334,14 @@ class FinetuneOptions:
         final_bn_pass: after training, re-estimate the BN statistics exactly in one
             no-gradient pass (cheap with the cache; removes the EMA noise of the last steps).
         cache: use the activation cache when the augmentation is deterministic.
-        max_cache_gb: fall back to the naive loop when the cache would be larger.
+        cache_budget_gb: most this process's share of the cache may take (memory, or disk with
+            ``cache_dir``); beyond it the fine-tune streams images every epoch (the naive
+            loop) and logs so. None: half the available memory divided by the processes on
+            this machine (or half the free disk of ``cache_dir``).
+        cache_dtype: ``"fp32"`` (exact) or ``"fp16"`` (half the bytes; the tail still
+            computes in fp32, results differ by fp16 rounding of the activations).
+        cache_dir: keep the cache on disk here (one memory-mapped file per rank and frontier
+            tensor) instead of in memory.
         workers: data-loading processes (None: cores - 1).
         seed: for the batch order.
     """
@@ -331,7 +358,9 @@ class FinetuneOptions:
     bn_stats_only: bool = False
     final_bn_pass: bool = True
     cache: bool = True
-    max_cache_gb: float = 4.0
+    cache_budget_gb: float | None = None
+    cache_dtype: str = "fp32"
+    cache_dir: str | None = None
     workers: int | None = None
     seed: int = 0
 
@@ -339,6 +368,18 @@ class FinetuneOptions:
         if self.lr is not None:
             return float(self.lr)
         return 8 * 1e-3 * self.batch_size / 512 * self.lr_boost
+
+    def check(self) -> None:
+        """Clear errors for impossible values, before any image is read."""
+        if self.epochs < 0 or self.batch_size < 1:
+            raise UserInputError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise UserInputError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.cache_budget_gb is not None and self.cache_budget_gb < 0:
+            raise UserInputError(f"--cache-budget-gb must be >= 0, got {self.cache_budget_gb}")
+
+
+CACHE_DTYPES = ("fp32", "fp16")
 
 
 @dataclass
@@ -355,6 +396,8 @@ class FinetuneStats:
     cache_bytes: int = 0
     final_loss: float = float("nan")
     lr: float = 0.0
+    world_size: int = 1
+    cache_note: str = ""
     fixres_modules: dict = field(default_factory=dict)
     skipped_files: list = field(default_factory=list)
 
@@ -422,7 +465,9 @@ class _ExactBNStats:
     PyTorch's cumulative average (``momentum=None``) weights every *batch* equally, so a
     short last batch skews it; summing x and x² per channel gives the population statistics
     whatever the batch sizes. The BNs run in eval mode during the pass (their output is not
-    used for anything but the forward), and the statistics are written at the end.
+    used for anything but the forward), and the statistics are written at the end. Under
+    torchrun each rank sums over its share and the sums, sums of squares and counts are
+    all-reduced (float64), so N ranks give the statistics of one pass over all images.
     """
 
     def __init__(self, model, bn_names: Sequence[str]):
@@ -457,12 +502,19 @@ class _ExactBNStats:
         return self
 
     def __exit__(self, exc_type, *_):
+        import torch
+
         for h in self.handles:
             h.remove()
         if exc_type is not None:
             return
         for name, bn in self.bns.items():
             s, s2, n = self.sums[name]
+            packed = dist.all_reduce_sum(
+                torch.cat([s, s2, torch.tensor([float(n)], dtype=torch.float64)]), f"BN statistics of {name}"
+            )
+            c = bn.num_features
+            s, s2, n = packed[:c], packed[c : 2 * c], int(round(float(packed[-1])))
             if n < 2:
                 continue
             mean = s / n
@@ -473,12 +525,129 @@ class _ExactBNStats:
                 bn.num_batches_tracked.add_(1)
 
 
-def _estimate_cache_bytes(trunk, sample) -> int:
+def _average_running_stats(model, bn_names: Sequence[str]) -> None:
+    """Mean of the EMA statistics over ranks (training without a final exact pass)."""
+    if dist.world_size() <= 1:
+        return
+    for name in bn_names:
+        bn = model.get_submodule(name)
+        for buf in (bn.running_mean, bn.running_var):
+            buf.copy_(dist.all_reduce_sum(buf.detach().clone(), f"BN running stats of {name}") / dist.world_size())
+
+
+def _estimate_cache_bytes(trunk, sample, dtype: str = "fp32") -> int:
+    """Bytes one image takes in the activation cache (``sample``: a batch of at least one image).
+
+    Raises:
+        UserInputError: the trunk hands the tail something other than tensors (which a
+            per-image cache cannot hold); the caller falls back to the naive loop.
+    """
     import torch
 
     with torch.inference_mode():
         outs = trunk(sample[:1])
-    return sum(o.numel() * o.element_size() for o in outs)
+    bad = [type(o).__name__ for o in outs if not isinstance(o, torch.Tensor)]
+    if bad:
+        raise UserInputError(f"the cut passes non-tensor values ({', '.join(bad)}) to the tail; cannot cache them")
+    item = {"fp32": None, "fp16": 2}[dtype]
+    return sum(o.numel() * (item if item and o.is_floating_point() else o.element_size()) for o in outs)
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_budget_bytes(opts: FinetuneOptions) -> float:
+    """This process's cache budget: the option, else half the free memory (or disk) per local process."""
+    if opts.cache_budget_gb is not None:
+        return opts.cache_budget_gb * 1e9
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if opts.cache_dir:
+        os.makedirs(opts.cache_dir, exist_ok=True)
+        return shutil.disk_usage(opts.cache_dir).free * 0.5 / local
+    free = _available_memory_bytes()
+    return (free if free is not None else 4e9) * 0.5 / local
+
+
+class _FrontierCache:
+    """The trunk's outputs for this rank's images: in memory, or memory-mapped files in ``cache_dir``.
+
+    Rows are in the order they were added; ``rows(idx)`` returns fp32 tensors whatever the
+    storage dtype.
+    """
+
+    def __init__(self, capacity: int, opts: FinetuneOptions, rank: int):
+        self.capacity = capacity
+        self.dtype = opts.cache_dtype
+        self.dir = opts.cache_dir
+        self.rank = rank
+        self.parts: list[list] = []  # in memory: per frontier tensor, a list of chunks
+        self.maps: list = []  # on disk: per frontier tensor, a numpy memmap
+        self.tensors: list = []
+        self.n = 0
+
+    def _store(self, t):
+        import torch
+
+        t = t.detach()
+        return t.to(torch.float16) if self.dtype == "fp16" and t.is_floating_point() else t.clone()
+
+    def add(self, outs) -> None:
+        import numpy as np
+
+        outs = [self._store(o) for o in outs]
+        if self.dir is None:
+            if not self.parts:
+                self.parts = [[] for _ in outs]
+            for part, o in zip(self.parts, outs, strict=True):
+                part.append(o)
+        else:
+            if not self.maps:
+                folder = os.path.join(self.dir, f"rank{self.rank}")
+                os.makedirs(folder, exist_ok=True)
+                for i, o in enumerate(outs):
+                    path = os.path.join(folder, f"frontier{i}.{self.dtype}.npy")
+                    self.maps.append(
+                        np.lib.format.open_memmap(
+                            path, mode="w+", dtype=o.numpy().dtype, shape=(self.capacity,) + tuple(o.shape[1:])
+                        )
+                    )
+            for m, o in zip(self.maps, outs, strict=True):
+                m[self.n : self.n + len(o)] = o.numpy()
+        self.n += len(outs[0])
+
+    def finish(self) -> int:
+        """Freeze the cache; returns its size in bytes."""
+        import torch
+
+        if self.dir is None:
+            self.tensors = [torch.cat(p) for p in self.parts]
+            self.parts = []
+            return sum(t.numel() * t.element_size() for t in self.tensors)
+        for m in self.maps:
+            m.flush()
+        return sum(m[: self.n].nbytes for m in self.maps)
+
+    def rows(self, idx):
+        import numpy as np
+        import torch
+
+        if self.dir is None:
+            out = [t[idx] for t in self.tensors]
+        else:
+            order = np.asarray(idx, dtype=np.int64)
+            out = [torch.from_numpy(np.ascontiguousarray(m[order])) for m in self.maps]
+        return [o.float() if o.dtype == torch.float16 else o for o in out]
 
 
 def fixres_finetune(
@@ -490,6 +659,11 @@ def fixres_finetune(
     mods: FixResModules | None = None,
 ) -> FinetuneStats:
     """FixRes fine-tune ``model`` in place at ``cfg.test_input_size``.
+
+    Under torchrun (an initialised process group) every rank calls this with the same
+    arguments: each reads its share of the images, the BN statistics are exact over all
+    ranks, the trainable parameters are trained with DistributedDataParallel on the global
+    batch, and every rank ends with the same model.
 
     Args:
         model: the trained classifier (modified in place).
@@ -505,19 +679,36 @@ def fixres_finetune(
     import torch
 
     opts = opts or FinetuneOptions()
-    if opts.epochs < 0 or opts.batch_size < 1:
-        raise UserInputError(f"epochs must be >= 0 and batch_size >= 1, got {opts.epochs}, {opts.batch_size}")
+    opts.check()
     mods = mods or resolve_fixres_modules(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     torch.manual_seed(opts.seed)
     trainable = setup_fixres_training(model, mods, train_bn_affine=opts.train_bn_affine)
     cacheable = opts.cache and opts.augmentation == "test" and bool(mods.bn_names)
-    split = None
+    split, per_image = None, 0
     if cacheable:
         try:
             split = TailSplit(model, mods.bn_names)
+            probe = torch.zeros(1, 3, cfg.test_input_size, cfg.test_input_size)
+            per_image = _estimate_cache_bytes(split.trunk, probe, opts.cache_dtype)
         except UserInputError as exc:
             log.warning("activation cache unavailable (%s); using the naive loop", exc)
+            split = None
+    note = ""
+    if split is not None:
+        rank, world = dist.shard()
+        need = per_image * len(range(rank, len(train_index), world))
+        budget = cache_budget_bytes(opts)
+        # every rank must take the same path (their collectives must match)
+        over = int(dist.all_reduce_sum(torch.tensor([int(need > budget)]), "cache budget"))
+        if over:
+            note = (
+                f"activation cache needs {need / 1e9:.2f} GB per process, over the "
+                f"{budget / 1e9:.2f} GB budget on {over} rank(s): streaming images every epoch (naive loop); "
+                "raise --cache-budget-gb, use --cache-dtype fp16, --cache-dir DISK or more processes"
+            )
+            log.warning("%s", note)
+            split = None
     try:
         if split is not None:
             stats = _finetune_cached(model, split, train_index, cfg, opts, mods, trainable)
@@ -527,23 +718,84 @@ def fixres_finetune(
         model.eval()
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
+    stats.cache_note = note
+    stats.world_size = dist.world_size()
     stats.fixres_modules = mods.to_dict()
     return stats
 
 
-def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
-    import torch
+def _wrap_ddp(module, trainable):
+    """DistributedDataParallel over ``module`` (only its trainable parameters synchronise)."""
+    if dist.world_size() <= 1 or not trainable:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = dist.device()
+    # BN statistics are made exact by all-reduce, not copied from rank 0 at every forward
+    # (torch >= 2.14 names the option forward_sync_buffers; broadcast_buffers before)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    with dist.collective("DistributedDataParallel set-up"):
+        return DistributedDataParallel(module, device_ids=[dev] if dev != "cpu" else None, **no_sync)
+
+
+@contextlib.contextmanager
+def _bn_frozen(model, bn_names: Sequence[str]):
+    """BN running statistics untouched by the forward inside (a zero-weight step)."""
+    bns = [model.get_submodule(n) for n in bn_names]
+    saved = [(bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, (mom, nbt) in zip(bns, saved, strict=True):
+            bn.momentum = mom
+            if nbt is not None:
+                bn.num_batches_tracked.copy_(nbt)
+
+
+def _step(opt, net, inputs, labels, global_count: int, model, mods, filler):
+    """One SGD step on the global batch, of which this rank holds ``inputs``/``labels``.
+
+    The loss is this rank's sum of cross-entropies divided by the global batch count (times
+    the world size, which DDP's gradient averaging divides by again): the gradient is the
+    one of the mean over the whole global batch, whatever the split between ranks. A rank
+    with no image in the batch runs a zero-weight forward (on ``filler``, BN statistics
+    untouched) so that its DDP all-reduce still matches the others'.
+    """
     import torch.nn.functional as F
 
+    world = dist.world_size()
+    if labels is not None and len(labels):
+        loss = F.cross_entropy(net(*inputs), labels, reduction="sum") * (world / global_count)
+    else:
+        with _bn_frozen(model, mods.bn_names):
+            loss = net(*filler).sum() * 0.0
+    opt.zero_grad(set_to_none=True)
+    with dist.collective("gradient all-reduce"):
+        loss.backward()
+    opt.step()
+    return loss
+
+
+def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
+    import torch
+
     n = len(index)
+    rank, world = dist.shard()
     transform = finetune_transform(cfg, opts.augmentation)
     skips = SkipLog()
     stats = FinetuneStats(mode="naive", epochs=opts.epochs, steps=0, images=n, skipped=0, lr=opts.effective_lr())
     t0 = time.perf_counter()
     loss_value = float("nan")
+
+    def mine(batches):  # this rank's part of every global batch (an image belongs to rank i % world)
+        return [[i for i in b if i % world == rank] for b in batches]
+
     if opts.bn_stats_only or not trainable:
         if mods.bn_names:
-            loader = _naive_loader(index, transform, _batches(n, 0, opts), opts)
+            loader = _naive_loader(index, transform, mine(_batches(n, 0, opts)), opts)
             with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for images, _, _, skipped in progress(loader, desc=f"BN stats @{cfg.test_input_size}"):
                     skips.extend(skipped)
@@ -552,18 +804,19 @@ def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
     else:
         steps_total = opts.epochs * math.ceil(n / opts.batch_size)
         opt, sched = _make_optimizer(trainable, opts, steps_total)
+        net = _wrap_ddp(model, trainable)
+        filler = (torch.zeros(2, 3, cfg.test_input_size, cfg.test_input_size),)
         bar = progress(total=steps_total, desc=f"fine-tune @{cfg.test_input_size} (naive)")
         for epoch in range(opts.epochs):
-            loader = _naive_loader(index, transform, _batches(n, epoch, opts), opts)
+            loader = _naive_loader(index, transform, mine(_batches(n, epoch, opts)), opts)
             for images, labels, _, skipped in loader:
                 if epoch == 0:
                     skips.extend(skipped)
-                if images is not None:
-                    loss = F.cross_entropy(model(images), labels)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    loss_value = float(loss.detach())
+                local = 0 if images is None else len(labels)
+                count = int(dist.all_reduce_sum(torch.tensor([local]), "batch count")) if world > 1 else local
+                if count:
+                    loss = _step(opt, net, (images,), labels, count, model, mods, filler)
+                    loss_value = float(loss.detach()) / (world if local else 1)
                     stats.steps += 1
                 if sched is not None:
                     sched.step()
@@ -571,16 +824,27 @@ def _finetune_naive(model, index, cfg, opts, mods, trainable) -> FinetuneStats:
             _end_epoch(opt, epoch, opts)
         bar.close()
         if opts.final_bn_pass and mods.bn_names:
-            loader = _naive_loader(index, finetune_transform(cfg, "test"), _batches(n, 0, opts), opts)
+            loader = _naive_loader(index, finetune_transform(cfg, "test"), mine(_batches(n, 0, opts)), opts)
             with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
                 for images, _, _, _ in progress(loader, desc="final BN pass"):
                     if images is not None:
                         model(images)
+        elif mods.bn_names:
+            _average_running_stats(model, mods.bn_names)
     stats.train_s = time.perf_counter() - t0
+    skips.extend(_gather_skips(skips))
     stats.skipped = len(skips)
     stats.skipped_files = skips.skipped
     stats.final_loss = loss_value
     return stats
+
+
+def _gather_skips(skips: SkipLog) -> list[dict]:
+    """The other ranks' skipped files (each rank read its own share)."""
+    if dist.world_size() <= 1:
+        return []
+    parts = dist.all_gather_object(skips.skipped, "gather skipped files")
+    return [s for r, part in enumerate(parts) if r != dist.rank() for s in part]
 
 
 def _naive_loader(index, transform, batches, opts):
@@ -599,73 +863,75 @@ def _naive_loader(index, transform, batches, opts):
 
 def _finetune_cached(model, split: TailSplit, index, cfg, opts, mods, trainable) -> FinetuneStats:
     import torch
-    import torch.nn.functional as F
 
     n = len(index)
+    rank, world = dist.shard()
     transform = finetune_transform(cfg, "test")
     stats = FinetuneStats(mode="cached", epochs=opts.epochs, steps=0, images=n, skipped=0, lr=opts.effective_lr())
     skips = SkipLog()
     t0 = time.perf_counter()
-    loader = make_loader(index, transform, batch_size=opts.batch_size, workers=opts.workers)
-    chunks: list[tuple] = []
+    loader = make_loader(index, transform, batch_size=opts.batch_size, workers=opts.workers, shard=(rank, world))
+    cache = _FrontierCache(len(range(rank, n, world)), opts, rank)
     labels_l, idx_l = [], []
-    limit = opts.max_cache_gb * 1e9
-    per_image = None
     with torch.inference_mode():
         for images, labels, indices, skipped in progress(loader, desc=f"cache trunk @{cfg.test_input_size}"):
             skips.extend(skipped)
             if images is None:
                 continue
-            if per_image is None:
-                per_image = _estimate_cache_bytes(split.trunk, images)
-                if per_image * n > limit:
-                    log.warning(
-                        "activation cache would take %.1f GB (> %.1f GB): using the naive loop",
-                        per_image * n / 1e9,
-                        opts.max_cache_gb,
-                    )
-                    return _finetune_naive(model, index, cfg, opts, mods, trainable)
-            chunks.append(tuple(t.clone() for t in split.trunk(images)))
+            cache.add(split.trunk(images))
             labels_l.append(labels)
             idx_l.append(indices)
+    stats.cache_bytes = int(dist.all_reduce_sum(torch.tensor([cache.finish() if cache.n else 0]), "cache size"))
+    skips.extend(_gather_skips(skips))
     stats.skipped = len(skips)
     stats.skipped_files = skips.skipped
-    if not chunks:
+    local_ds = torch.cat(idx_l).tolist() if idx_l else []
+    # Global rows: every readable image of every rank, in dataset-index order, so the batch
+    # orders are those of one process (and of the naive loop whenever no image was skipped).
+    all_ds = sorted(i for part in dist.all_gather_object(local_ds, "gather cache index") for i in part)
+    if not all_ds:
         raise UserInputError(f"no readable images in '{index.root}' for the fine-tune")
-    frontier = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    if not cache.n:
+        raise UserInputError(f"rank {rank}/{world} has no readable image of '{index.root}': use fewer processes")
     labels_all = torch.cat(labels_l)
-    # The cache holds only readable images, in the order of their dataset index, so batch
-    # orders match the naive loop whenever no image was skipped.
-    stats.cache_bytes = sum(t.numel() * t.element_size() for t in frontier)
+    row_of = {ds: r for r, ds in enumerate(local_ds)}
     stats.cache_build_s = time.perf_counter() - t0
-    del chunks
-    m = labels_all.shape[0]
+    m = len(all_ds)
     t1 = time.perf_counter()
     loss_value = float("nan")
     tail = split.tail
-    if opts.bn_stats_only or not trainable:
+
+    def local_rows(batch):
+        return [row_of[all_ds[g]] for g in batch if all_ds[g] in row_of]
+
+    def bn_pass():
         with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
             for batch in _batches(m, 0, opts):
-                tail(*[t[torch.as_tensor(batch)] for t in frontier])
+                rows = local_rows(batch)
+                if rows:
+                    tail(*cache.rows(torch.as_tensor(rows)))
+
+    if opts.bn_stats_only or not trainable:
+        bn_pass()
     else:
         steps_total = opts.epochs * math.ceil(m / opts.batch_size)
         opt, sched = _make_optimizer(trainable, opts, steps_total)
+        net = _wrap_ddp(tail, trainable)
+        filler = cache.rows(torch.arange(min(2, cache.n)))
         for epoch in progress(range(opts.epochs), desc=f"fine-tune @{cfg.test_input_size} (cached)"):
             for batch in _batches(m, epoch, opts):
-                batch_t = torch.as_tensor(batch)
-                loss = F.cross_entropy(tail(*[t[batch_t] for t in frontier]), labels_all[batch_t])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_value = float(loss.detach())
+                rows = torch.as_tensor(local_rows(batch), dtype=torch.long)
+                inputs = cache.rows(rows) if len(rows) else None
+                loss = _step(opt, net, inputs, labels_all[rows], len(batch), model, mods, filler)
+                loss_value = float(loss.detach()) / world
                 stats.steps += 1
                 if sched is not None:
                     sched.step()
             _end_epoch(opt, epoch, opts)
         if opts.final_bn_pass:
-            with torch.no_grad(), _ExactBNStats(model, mods.bn_names):
-                for batch in _batches(m, 0, opts):
-                    tail(*[t[torch.as_tensor(batch)] for t in frontier])
+            bn_pass()
+        else:
+            _average_running_stats(model, mods.bn_names)
     stats.train_s = time.perf_counter() - t1
     stats.final_loss = loss_value
     return stats
@@ -698,6 +964,45 @@ class ResolutionResult:
         return d
 
 
+RESUME_FORMAT = "fixres-deploy/finetune-resolution"
+RESUME_SCHEMA_VERSION = 1
+_RESULT_ONLY_OPTIONS = ("workers", "cache", "cache_budget_gb", "cache_dir")  # do not change the result
+
+
+def _model_hash(model) -> str:
+    """sha256 of the state dict (names and raw bytes): the identity of the base weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume_path(out_dir, res: int) -> str:
+    return os.path.join(os.fspath(out_dir), f"finetune_r{res}.json")
+
+
+def _read_resumable(out_dir, res: int, identity: dict) -> ResolutionResult | None:
+    """The finished result at ``res`` of an earlier (interrupted) run with the same inputs, if any."""
+    from fixres_deploy.core.schema import check_schema
+    from fixres_deploy.core.utils import read_json
+
+    path = _resume_path(out_dir, res)
+    if not os.path.exists(path):
+        return None
+    doc = check_schema(read_json(path), RESUME_FORMAT, RESUME_SCHEMA_VERSION, path, "delete it to fine-tune again")
+    result = doc["result"]
+    if doc["inputs"] != identity or not (result.get("checkpoint") and os.path.exists(result["checkpoint"])):
+        return None
+    result["top1_before_ci"] = tuple(result["top1_before_ci"])
+    result["top1_after_ci"] = tuple(result["top1_after_ci"])
+    return ResolutionResult(**result)
+
+
 def finetune_resolutions(
     loaded,
     train_index: ImageFolderIndex,
@@ -713,6 +1018,11 @@ def finetune_resolutions(
 ) -> list[ResolutionResult]:
     """Fine-tune a copy of the model at each resolution; evaluate before and after.
 
+    With ``out_dir``, each finished resolution leaves ``model_r{K}.pt`` and
+    ``finetune_r{K}.json`` (written by rank 0, atomically); a rerun with the same model,
+    data, options and preprocessing reuses them, so a killed job resumes at the first
+    unfinished resolution. Under torchrun every rank runs this; evaluation is sharded.
+
     Args:
         loaded: a :class:`fixres_deploy.models.registry.LoadedModel` (its model is not modified).
         train_index: fine-tune images.
@@ -721,47 +1031,78 @@ def finetune_resolutions(
         resolutions: test resolutions to adapt to.
         out_dir: where to save ``model_r{K}.pt`` checkpoints (with their preprocessing).
     """
+    from fixres_deploy.core.schema import stamp
+    from fixres_deploy.core.utils import write_json
     from fixres_deploy.fixres.evaluate import evaluate_model
     from fixres_deploy.models.registry import fixres_record, save_checkpoint
 
     opts = opts or FinetuneOptions()
+    opts.check()
     mods = resolve_fixres_modules(loaded.model, bn=bn, head=head)
     log.info("FixRes modules: BN %s, classifier %s", mods.bn_names, mods.head_names)
+    shard = dist.shard()
+    identity = None
+    if out_dir is not None:
+        identity = {
+            "model": loaded.spec,
+            "weights": _model_hash(loaded.model),
+            "train": train_index.content_hash(),
+            "val": val_index.content_hash(),
+            "options": {k: v for k, v in asdict(opts).items() if k not in _RESULT_ONLY_OPTIONS},
+            "modules": mods.to_dict(),
+        }
     results = []
     for res in resolutions:
         cfg = base_cfg.at_resolution(res)
-        before = evaluate_model(loaded.model, val_index, cfg, batch_size=eval_batch_size, workers=opts.workers)
+        if identity is not None:
+            identity_r = dict(identity, preprocess=cfg.to_dict())
+            done = _read_resumable(out_dir, res, identity_r)
+            if done is not None:
+                log.info("@%d: resumed from %s", res, _resume_path(out_dir, res))
+                results.append(done)
+                continue
+        before = evaluate_model(
+            loaded.model, val_index, cfg, batch_size=eval_batch_size, workers=opts.workers, shard=shard
+        )
         model = copy.deepcopy(loaded.model)
         stats = fixres_finetune(model, train_index, cfg, opts, mods=mods)
-        after = evaluate_model(model, val_index, cfg, batch_size=eval_batch_size, workers=opts.workers)
-        ckpt = None
-        if out_dir is not None:
-            ckpt = save_checkpoint(
-                os.path.join(os.fspath(out_dir), f"model_r{res}.pt"),
-                model,
-                spec=loaded.spec,
-                num_classes=loaded.num_classes,
-                class_names=loaded.class_names or train_index.classes,
-                preprocess=cfg.to_dict(),
-                fixres=fixres_record(res, stats.to_dict(), top1_before=before.top1, top1_after=after.top1),
-            )
-        log.info("@%d: top-1 %.4f -> %.4f (%s, %.1f s)", res, before.top1, after.top1, stats.mode, stats.total_s)
-        results.append(
-            ResolutionResult(
-                resolution=res,
-                top1_before=before.top1,
-                top1_after=after.top1,
-                top1_before_ci=before.top1_ci,
-                top1_after_ci=after.top1_ci,
-                top5_before=before.top5,
-                top5_after=after.top5,
-                checkpoint=ckpt,
-                n=after.n,
-                skipped=after.skipped,
-                finetune=stats.to_dict(),
-                preprocess=cfg.to_dict(),
-            )
+        after = evaluate_model(model, val_index, cfg, batch_size=eval_batch_size, workers=opts.workers, shard=shard)
+        result = ResolutionResult(
+            resolution=res,
+            top1_before=before.top1,
+            top1_after=after.top1,
+            top1_before_ci=before.top1_ci,
+            top1_after_ci=after.top1_ci,
+            top5_before=before.top5,
+            top5_after=after.top5,
+            checkpoint=None,
+            n=after.n,
+            skipped=after.skipped,
+            finetune=stats.to_dict(),
+            preprocess=cfg.to_dict(),
         )
+        if out_dir is not None:
+
+            def write(model=model, result=result, stats=stats, before=before, after=after, cfg=cfg, res=res) -> str:
+                path = save_checkpoint(
+                    os.path.join(os.fspath(out_dir), f"model_r{res}.pt"),
+                    model,
+                    spec=loaded.spec,
+                    num_classes=loaded.num_classes,
+                    class_names=loaded.class_names or train_index.classes,
+                    preprocess=cfg.to_dict(),
+                    fixres=fixres_record(res, stats.to_dict(), top1_before=before.top1, top1_after=after.top1),
+                )
+                doc = {
+                    "inputs": dict(identity, preprocess=cfg.to_dict()),
+                    "result": {**result.to_dict(), "checkpoint": path},
+                }
+                write_json(_resume_path(out_dir, res), stamp(doc, RESUME_FORMAT, RESUME_SCHEMA_VERSION))
+                return path
+
+            result.checkpoint = dist.main_only(write, f"write the checkpoint @{res}")
+        log.info("@%d: top-1 %.4f -> %.4f (%s, %.1f s)", res, before.top1, after.top1, stats.mode, stats.total_s)
+        results.append(result)
     return results
 
 
@@ -781,7 +1122,8 @@ def finetune_checkpoint(
     """`fixres-deploy finetune`: fine-tune at each resolution, save checkpoints and finetune.json.
 
     Without ``val_data`` the images of ``data`` are split by file-name hash so that the
-    before/after accuracy is never measured on fine-tune images.
+    before/after accuracy is never measured on fine-tune images. Under torchrun only rank 0
+    writes files.
     """
     from fixres_deploy.core.utils import write_json
     from fixres_deploy.data.folders import split_by_hash
@@ -801,14 +1143,18 @@ def finetune_checkpoint(
     results = finetune_resolutions(
         loaded, train_index, val_index, base_cfg, resolutions, out_dir=out_dir, opts=opts, bn=bn, head=head
     )
-    write_json(
-        os.path.join(os.fspath(out_dir), "finetune.json"),
-        {
-            "model": loaded.spec,
-            "train_data": os.fspath(data),
-            "val_data": os.fspath(val_data) if val_data else f"hash split of {data} ({val_fraction})",
-            "options": asdict(opts or FinetuneOptions()),
-            "results": [r.to_dict() for r in results],
-        },
+    dist.main_only(
+        lambda: write_json(
+            os.path.join(os.fspath(out_dir), "finetune.json"),
+            {
+                "model": loaded.spec,
+                "train_data": os.fspath(data),
+                "val_data": os.fspath(val_data) if val_data else f"hash split of {data} ({val_fraction})",
+                "options": asdict(opts or FinetuneOptions()),
+                "world_size": dist.world_size(),
+                "results": [r.to_dict() for r in results],
+            },
+        ),
+        "write finetune.json",
     )
     return results

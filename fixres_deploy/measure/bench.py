@@ -10,9 +10,12 @@ process's load slows torch eager ~10x and ONNX Runtime ~3x (measured on a 2-core
 records the CPU use of *other* processes (:mod:`fixres_deploy.measure.sysload`); a repeat that ran
 under more than ``contention_threshold`` cores of foreign load is measured again (up to
 ``remeasure_if_contended`` times) and the result carries a ``contended`` flag when the noise
-could not be escaped. Several engines compared in one run are measured *interleaved* (round
-robin over engines within each repeat, :func:`measure_interleaved`) so that drift in the
-machine's state hits all of them alike and their ratios stay meaningful.
+could not be escaped. Several engines compared in one run are measured *interleaved* in
+rounds (:func:`measure_rounds`): every engine once per round, in an order shuffled per round,
+so that drift in the machine's state hits all of them alike; a round during which other
+processes used the cores is run again as a whole (bounded), and every round's values are kept
+(:class:`RoundsResult`) so that ratios between engines can be computed per round, paired, with
+a bootstrap interval (docs/measurement.md).
 
 A latency becomes comparable across models with the work behind it: GFLOPs per image from the
 ONNX graph (:mod:`fixres_deploy.models.flops`), achieved GFLOP/s, and the percentage of the machine's
@@ -39,6 +42,7 @@ import numpy as np
 
 from fixres_deploy.core import env
 from fixres_deploy.core.errors import FixResError, UserInputError
+from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.measure import sysload
 
 log = logging.getLogger(__name__)
@@ -57,17 +61,19 @@ class LatencyConfig:
         min_iters: timed calls per repeat at least (wins over ``budget_s`` for slow engines).
         max_iters: timed calls per repeat at most (wins over ``budget_s`` for fast engines).
         budget_s: timed seconds of the whole measurement, split evenly over the repeats.
-        repeats: independent timed runs; percentiles are medians of the per-repeat ones.
+        repeats: independent timed runs (rounds, when several engines are interleaved);
+            percentiles are medians of the per-repeat ones.
         percentiles: percentiles to report (50, 90 and 99 are always computed).
         check_load: record other processes' CPU use (Linux /proc) and flag contention.
         contention_threshold: cores of foreign load (incl. hypervisor steal) above which a
             repeat counts as contended.
-        remeasure_if_contended: how many contended repeats may be measured again (in total per
-            measurement); the least-contended attempt of each repeat is kept.
+        remeasure_if_contended: how many contended repeats (rounds) may be measured again (in
+            total per measurement); the least-contended attempt of each round is kept.
         remeasure_wait_s: pause before measuring a contended repeat again.
         rewarm_iters: untimed calls before each interleaved chunk (after switching engines the
             caches hold another engine's weights).
         load_sample_interval_s: period of the background load sampler (0: start/end only).
+        seed: seed of the per-round engine order (a measurement is reproducible in its plan).
     """
 
     warmup_iters: int = 10
@@ -83,9 +89,18 @@ class LatencyConfig:
     remeasure_wait_s: float = 0.5
     rewarm_iters: int = 3
     load_sample_interval_s: float = 0.1
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("warmup_iters", "min_iters", "max_iters", "repeats", "remeasure_if_contended", "rewarm_iters"):
+        for name in (
+            "warmup_iters",
+            "min_iters",
+            "max_iters",
+            "repeats",
+            "remeasure_if_contended",
+            "rewarm_iters",
+            "seed",
+        ):
             v = getattr(self, name)
             if int(v) != v or v < 0:
                 raise UserInputError(f"LatencyConfig.{name} must be a non-negative integer, got {v!r}")
@@ -104,15 +119,16 @@ class LatencyConfig:
 
     @classmethod
     def quick(cls, **kw) -> LatencyConfig:
-        """A smoke-test measurement (~0.5 s per point): numbers are indicative only."""
+        """A short measurement (~0.8 s per engine in 8 rounds): enough rounds for a paired ratio interval."""
         return cls(
             **{
                 "warmup_iters": 3,
                 "warmup_s": 0.1,
                 "min_iters": 5,
-                "budget_s": 0.5,
-                "repeats": 2,
-                "remeasure_if_contended": 0,
+                "budget_s": 0.8,
+                "repeats": 8,
+                "remeasure_if_contended": 3,
+                "remeasure_wait_s": 0.2,
             }
             | kw
         )
@@ -178,6 +194,9 @@ class LatencyResult:
         remeasured: how many repeats were measured again because of contention.
         gpu_timing: p50 of the runner's CUDA-event times (h2d_ms, compute_ms, d2h_ms) and
             ``cuda_graph`` when the runner implements the hook protocol, else None.
+        latency_device_p50_ms: p50 of the per-call device time (h2d + compute + d2h from CUDA
+            events: what the GPU spent, without Python/host overhead); None without the hook.
+            The host ``latency_p50_ms`` stays beside it (it is what a caller waits for).
         config: the LatencyConfig used.
     """
 
@@ -206,6 +225,7 @@ class LatencyResult:
     contended: bool = False
     remeasured: int = 0
     gpu_timing: dict | None = None
+    latency_device_p50_ms: float | None = None
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -369,19 +389,6 @@ class _Case:
                 mon.stop()
         return _Repeat(np.asarray(samples, dtype=np.int64), wall, mon.result() if mon else None, gpu)
 
-    def repeat_with_retries(self, budget_s: float, retries: list[int]) -> None:
-        """Measure one repeat; re-measure while contended and the shared retry budget lasts."""
-        rep = self.one_repeat(budget_s)
-        while self.cfg.check_load and sysload.contention(rep.load, self.cfg.contention_threshold) and retries[0] > 0:
-            retries[0] -= 1
-            self.remeasured += 1
-            log.info("%s: %.2f cores of other load during a repeat; measuring it again", self.name, rep.other())
-            time.sleep(self.cfg.remeasure_wait_s)
-            self.rewarm()
-            again = self.one_repeat(budget_s)
-            rep = again if again.other() < rep.other() else rep
-        self.kept.append(rep)
-
     def result(self) -> LatencyResult:
         cfg = self.cfg
         per_rep = [r.samples_ns / 1e6 for r in self.kept]
@@ -420,8 +427,19 @@ class _Case:
             contended=bool(contended),
             remeasured=self.remeasured,
             gpu_timing=self._gpu_summary(),
+            latency_device_p50_ms=self._device_p50(),
             config=cfg.to_dict(),
         )
+
+    def _device_p50(self) -> float | None:
+        """p50 over calls of h2d + compute + d2h (calls whose hook returned None are skipped)."""
+        totals = [
+            sum(float(g.get(k) or 0.0) for k in ("h2d_ms", "compute_ms", "d2h_ms"))
+            for r in self.kept
+            for g in r.gpu
+            if g
+        ]
+        return float(np.median(totals)) if totals else None
 
     def _gpu_summary(self) -> dict | None:
         rows = [g for r in self.kept for g in r.gpu if g]
@@ -473,35 +491,166 @@ def measure_interleaved(
     *,
     names: Sequence[str | None] | None = None,
 ) -> list[LatencyResult]:
-    """Latencies of several (runner, batch) cases measured round-robin within each repeat.
+    """Latencies of several (runner, batch) cases timed interleaved: :func:`measure_rounds`'s per-engine results."""
+    if not cases:
+        return []
+    return measure_rounds(cases, cfg, names=names).results
+
+
+ROUNDS_FORMAT = "fixres-deploy/latency-rounds"
+ROUNDS_SCHEMA_VERSION = 1
+ROUND_STATS = ("p50", "p90", "p99", "mean")
+
+
+@dataclass
+class RoundsResult:
+    """Engines timed interleaved in rounds: every round's values, for paired ratios.
+
+    Attributes:
+        names: the engines, in the order they were given.
+        order: the order the engines ran in, per kept round (indices into ``names``).
+        round_ms: per statistic (p50, p90, p99, mean of the round's calls) a list of rounds,
+            each a list of one value per engine in ms: ``round_ms["p50"][r][i]``.
+        round_load: other processes' cores (incl. steal) of each kept round, the most
+            contended engine's chunk (empty without load checks).
+        rerun_rounds: rounds run again because other processes used the cores during them.
+        contended_rounds: kept rounds still above the threshold (the re-run budget ran out).
+        results: one :class:`LatencyResult` per engine (percentiles are medians over rounds).
+        config: the LatencyConfig used (its ``seed`` fixed the orders).
+    """
+
+    names: list[str]
+    order: list[list[int]]
+    round_ms: dict[str, list[list[float]]]
+    round_load: list[float]
+    rerun_rounds: int
+    contended_rounds: int
+    results: list[LatencyResult]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.order)
+
+    def per_round(self, i: int, stat: str = "p50") -> list[float]:
+        """Engine ``i``'s value of ``stat`` in every kept round (ms)."""
+        return [row[i] for row in self.round_ms[stat]]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return stamp(d, ROUNDS_FORMAT, ROUNDS_SCHEMA_VERSION)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "latency rounds") -> RoundsResult:
+        check_schema(d, ROUNDS_FORMAT, ROUNDS_SCHEMA_VERSION, source, "Measure again (the sweep does so by itself).")
+        d = {k: v for k, v in d.items() if k not in ("format", "schema_version")}
+        d["results"] = [LatencyResult.from_dict(r) for r in d["results"]]
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> str:
+        """The one writer of a rounds file (JSON, atomic)."""
+        from fixres_deploy.core.utils import write_json
+
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RoundsResult:
+        """The one reader of a rounds file."""
+        from fixres_deploy.core.utils import read_json
+
+        return cls.from_dict(read_json(path), os.fspath(path))
+
+
+def _round_stats(rep: _Repeat) -> dict[str, float]:
+    ms = rep.samples_ns / 1e6
+    out = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
+    out["mean"] = float(ms.mean())
+    return out
+
+
+def measure_rounds(
+    cases: Sequence[tuple[Any, np.ndarray]],
+    cfg: LatencyConfig | None = None,
+    *,
+    names: Sequence[str | None] | None = None,
+) -> RoundsResult:
+    """Time several (runner, batch) cases in rounds: each once per round, order shuffled per round.
 
     Comparing engines measured one after the other confounds them with the machine's drift
-    (other users, thermal state, page cache); interleaving spreads it over all of them. Each
-    case gets the full warm-up first, then in each repeat every case runs ``budget_s /
-    repeats`` seconds after ``rewarm_iters`` untimed calls. Re-measurement of contended
-    repeats draws on one retry budget per case.
+    (other users, thermal state, page cache); interleaving spreads it over all of them, and
+    keeping each round's values lets a ratio between two engines be computed *within* rounds
+    (paired), which cancels the drift that a ratio of overall medians still carries. Each case
+    gets the full warm-up first; in each of the ``cfg.repeats`` rounds every case runs ``budget_s
+    / repeats`` seconds after ``rewarm_iters`` untimed calls (its caches hold another engine's
+    weights), in an order drawn from ``cfg.seed``. A round during which other processes used
+    more than ``contention_threshold`` cores is run again as a whole (all engines: a paired ratio
+    needs both values from the same conditions), at most ``remeasure_if_contended`` times per
+    measurement; the least contended attempt is kept and the count is reported.
     """
     cfg = cfg or LatencyConfig()
     if not cases:
-        return []
+        raise UserInputError("measure_rounds needs at least one (runner, batch) case")
     names = list(names) if names is not None else [None] * len(cases)
     if len(names) != len(cases):
         raise UserInputError(f"{len(names)} names for {len(cases)} benchmark cases")
     items = [_Case(r, b, cfg, n) for (r, b), n in zip(cases, names)]
     budget = cfg.budget_s / cfg.repeats
-    retries = [[cfg.remeasure_if_contended] for _ in items]
+    rng = np.random.default_rng(cfg.seed)
+    retries = cfg.remeasure_if_contended
+    rerun = contended = 0
+    orders: list[list[int]] = []
+    loads: list[float] = []
     unique = list({id(c.runner): c.runner for c in items}.values())
+
+    def one_round(order: list[int], first: bool) -> list[_Repeat]:
+        reps: dict[int, _Repeat] = {}
+        for pos, i in enumerate(order):
+            if len(items) > 1 and not (first and pos == 0):
+                items[i].rewarm()
+            reps[i] = items[i].one_repeat(budget)
+        return [reps[i] for i in range(len(items))]
+
+    def other(reps: list[_Repeat]) -> float:
+        return max(r.other() for r in reps)
+
+    def busy(reps: list[_Repeat]) -> bool:
+        return cfg.check_load and other(reps) > cfg.contention_threshold
+
     with _activated(unique):
         for c in items:
             c.prepare()
         for c in items:
             c.warmup()
-        for rep in range(cfg.repeats):
-            for i, c in enumerate(items):
-                if len(items) > 1 and (rep > 0 or i > 0):
-                    c.rewarm()
-                c.repeat_with_retries(budget, retries[i])
-    return [c.result() for c in items]
+        for rnd in range(cfg.repeats):
+            order = [int(i) for i in rng.permutation(len(items))] if len(items) > 1 else [0]
+            reps = one_round(order, rnd == 0)
+            while busy(reps) and retries > 0:
+                retries -= 1
+                rerun += 1
+                log.info("round %d: %.2f cores of other load; running it again", rnd, other(reps))
+                time.sleep(cfg.remeasure_wait_s)
+                again = one_round(order, False)
+                reps = again if other(again) < other(reps) else reps
+            contended += bool(busy(reps))
+            for c, r in zip(items, reps):
+                c.kept.append(r)
+            orders.append(order)
+            loads.append(other(reps))
+    for c in items:
+        c.remeasured = rerun
+    per_engine = [[_round_stats(r) for r in c.kept] for c in items]
+    round_ms = {s: [[per_engine[i][k][s] for i in range(len(items))] for k in range(len(orders))] for s in ROUND_STATS}
+    return RoundsResult(
+        names=[str(c.name) for c in items],
+        order=orders,
+        round_ms=round_ms,
+        round_load=loads if cfg.check_load else [],
+        rerun_rounds=rerun,
+        contended_rounds=contended,
+        results=[c.result() for c in items],
+        config=cfg.to_dict(),
+    )
 
 
 # --------------------------------------------------------------------------- machine peak

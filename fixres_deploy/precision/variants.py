@@ -235,9 +235,13 @@ def _quiet_ort_quantization():
 
 
 def _session(path: str):
+    from fixres_deploy.precision.qdq_fp16 import is_fp16_qdq
+
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if is_fp16_qdq(path):  # ORT CPU's optimizer mis-fuses fp16 Q/DQ graphs (precision/qdq_fp16.py)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types
@@ -599,10 +603,11 @@ def compute_calibration_ranges(
         # The histogram calibrators print progress on stdout: keep it for the debug log.
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            for start in range(0, len(batches), step):
-                # One batch per call: ORT's HistogramCollector stacks a call's batches with
-                # np.asarray and fails on a shorter last batch.
-                calibrator.collect_data(_BatchReader(inp.name, batches[start : start + step], step, fixed))
+            for group in batches if isinstance(batches, list) else [batches]:
+                for start in range(0, len(group), step):
+                    # One batch per call: ORT's HistogramCollector stacks a call's batches with
+                    # np.asarray and fails on a shorter last batch.
+                    calibrator.collect_data(_BatchReader(inp.name, group[start : start + step], step, fixed))
             ranges = calibrator.compute_data()
         if buf.getvalue().strip():
             log.debug("calibrator output:\n%s", buf.getvalue().strip())
@@ -672,10 +677,13 @@ def _calibration(
     """Ranges (from the cache when possible) and the record of how they were made."""
     import onnxruntime
 
+    groups = batches if isinstance(batches, list) else [batches]
     key_fields = {
         "format": 1,
         "model_sha256": sha256_file(src),
-        "resolution": [int(batches.shape[2]), int(batches.shape[3])],
+        "resolution": [int(batches.shape[2]), int(batches.shape[3])]
+        if not isinstance(batches, list)
+        else [[int(g.shape[2]), int(g.shape[3])] for g in groups],
         "method": method,
         "percentile": float(percentile) if method == "percentile" else None,
         "num_bins": ENTROPY_NUM_BINS
@@ -683,8 +691,8 @@ def _calibration(
         else PERCENTILE_NUM_BINS
         if method == "percentile"
         else None,
-        "data_sha256": sha256_bytes(np.ascontiguousarray(batches, dtype=np.float32).tobytes()),
-        "n_images": len(batches),
+        "data_sha256": sha256_bytes(b"".join(np.ascontiguousarray(g, dtype=np.float32).tobytes() for g in groups)),
+        "n_images": sum(len(g) for g in groups),
         "symmetric": bool(symmetric),
         "flavor": flavor,
         "onnxruntime": onnxruntime.__version__,
@@ -694,8 +702,8 @@ def _calibration(
         "method": method,
         "set_hash": set_hash,
         "data_sha256": key_fields["data_sha256"],
-        "n_images": len(batches),
-        "resolution": int(batches.shape[2]),
+        "n_images": key_fields["n_images"],
+        "resolution": int(groups[0].shape[2]) if len(groups) == 1 else [int(g.shape[2]) for g in groups],
         "symmetric": bool(symmetric),
         "cache_key": key,
         "cache_file": None,
@@ -802,7 +810,13 @@ def _normalize_flavor(flavor: str) -> str:
     return flavor
 
 
-def _check_batches(batches, model, src: str) -> np.ndarray:
+def _check_batches(batches, model, src: str):
+    """One float32 (N, 3, K, K) array, or a list of them at several resolutions (a mix for a
+    dynamic-resolution graph: each array is fed on its own, the ranges cover all)."""
+    if isinstance(batches, (list, tuple)) and batches and all(np.ndim(b) == 4 for b in batches):
+        if len(batches) == 1:
+            return _check_batches(batches[0], model, src)
+        return [_check_batches(b, model, src) for b in batches]
     if batches is None:
         raise UserInputError(
             "int8 needs calibration images: pass --calibration-data (a manifest from "
@@ -838,13 +852,16 @@ def quantize_int8(
     calibration_set_hash: str | None = None,
     nodes_to_quantize: Sequence[str] | None = None,
     write_sidecar: bool = True,
+    fp16_float_parts: bool | None = None,
 ) -> PrecisionVariant:
     """Quantize an fp32 ONNX file to an int8 QDQ graph (see module docstring for flavors).
 
     Args:
         src, dst: fp32 input, int8 output (dst written atomically, + ``.json`` sidecar).
         calibration_batches: float32 (N, 3, K, K), eval transform at the deployment
-            resolution (:func:`fixres_deploy.precision.calibration.calibration_batches`).
+            resolution (:func:`fixres_deploy.precision.calibration.calibration_batches`); or a
+            list of such arrays at several resolutions (a dynamic-resolution graph served at
+            all of them: ranges cover the mix).
         flavor: "tensorrt" (s8 symmetric activations and weights, zero-point 0) or
             "ort_cpu" (u8 asymmetric activations, s8 weights).
         method: "minmax", "percentile" or "entropy" (real 2048-bin KL; slow: ~1 s per
@@ -861,6 +878,9 @@ def quantize_int8(
             hash of the preprocessed data itself).
         nodes_to_quantize: quantize only these nodes (layer-sensitivity studies).
         write_sidecar: write ``<dst>.json``.
+        fp16_float_parts: the graph's float parts (float layers, scales, elementwise ops) in
+            fp16 with fp32 I/O (precision/qdq_fp16.py); default: True for the TensorRT flavor,
+            whose strongly typed build would otherwise run them in fp32.
 
     Raises:
         UserInputError: bad flavor/method/float layers, or batches that do not fit.
@@ -877,6 +897,7 @@ def quantize_int8(
     floats = _resolve_float_layers(src_model, float_layers)
     t0 = time.perf_counter()
     symmetric = flavor == "tensorrt"
+    half_floats = symmetric if fp16_float_parts is None else bool(fp16_float_parts)
     ranges, record = _calibration(
         src,
         batches,
@@ -900,6 +921,10 @@ def quantize_int8(
             reduce_range=reduce_range,
         )
         model = onnx.load(tmp)
+        if half_floats:
+            from fixres_deploy.precision.qdq_fp16 import float_parts_to_fp16
+
+            model = float_parts_to_fp16(model, keep_fp32_ops=FP16_KEEP_FP32_OPS)
         _copy_metadata(
             src_model,
             model,
@@ -910,7 +935,8 @@ def quantize_int8(
         if problems:
             raise QuantizationError(f"int8 {flavor} graph of '{src}' is not valid: " + "; ".join(problems[:5]))
         session = _session(tmp)
-        y = _run(session, batches[: max(1, min(4, len(batches)))])
+        first = batches[0] if isinstance(batches, list) else batches
+        y = _run(session, first[: max(1, min(4, len(first)))])
         if not np.all(np.isfinite(y)):
             raise QuantizationError(f"int8 graph of '{src}' produces non-finite outputs")
     counts = {op: sum(1 for n in model.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
@@ -931,6 +957,7 @@ def quantize_int8(
             "activation_type": "int8" if symmetric else "uint8",
             "weight_type": "int8",
             "quantize_bias": False,
+            "float_parts": "fp16" if half_floats else "fp32",
             "qdq_counts": counts,
         },
     )

@@ -68,6 +68,7 @@ def make_bundle(
     selection: dict | None = None,
     tar: bool = False,
     overwrite: bool = False,
+    multires: Any = None,
 ) -> BundleManifest:
     """Write a production bundle; nothing half-written ever appears at ``out_dir``.
 
@@ -83,6 +84,8 @@ def make_bundle(
         selection: how the point was chosen (constraints, candidates), if known.
         tar: also write ``out_dir.tar.gz`` beside the folder.
         overwrite: replace an existing bundle at ``out_dir``.
+        multires: a :class:`~fixres_deploy.ship.manifest.MultiresInfo` for a head-bank engine
+            (every resolution must be accepted by every engine).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -115,6 +118,9 @@ def make_bundle(
             )
         if art.source_onnx and not os.path.isfile(art.source_onnx):
             raise UserInputError(f"ONNX source '{art.source_onnx}' of engine '{art.path}' does not exist")
+        for r in multires.resolutions if multires is not None else ():
+            if batch_range(art.shapes, r) is None:
+                raise UserInputError(f"engine '{art.path}' does not accept {r}x{r} inputs of the multires section")
     for src in onnx_sources:
         if not os.path.isfile(src):
             raise UserInputError(f"ONNX source '{src}' does not exist")
@@ -123,7 +129,9 @@ def make_bundle(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
     try:
-        manifest = _write_bundle_tree(tmp, engines, onnx_sources, preprocess, class_names, model, metrics, selection)
+        manifest = _write_bundle_tree(
+            tmp, engines, onnx_sources, preprocess, class_names, model, metrics, selection, multires
+        )
         share_tree(tmp)  # readable by the serving user (0755/0644 with umask 022), not mkdtemp's 0700
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -147,7 +155,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def _write_bundle_tree(
-    root, engines, onnx_sources, preprocess, class_names, model, metrics, selection
+    root, engines, onnx_sources, preprocess, class_names, model, metrics, selection, multires=None
 ) -> BundleManifest:
     used: set[str] = set()
     by_real: dict[str, tuple[str, list[str], dict]] = {}
@@ -254,6 +262,7 @@ def _write_bundle_tree(
         libraries=libraries,
         hardware=hardware,
         files=_file_table(root),
+        multires=multires,
     )
     manifest.digest = manifest.compute_digest()
     write_json(os.path.join(root, MANIFEST_NAME), manifest.to_dict())
@@ -327,6 +336,7 @@ def bundle_artifact(
     overwrite: bool = False,
     triton_repo: str | None = None,
     triton_options: dict | None = None,
+    multires: Any = None,
 ) -> dict:
     """Bundle one built engine: the one path from an engine artifact to a bundle.
 
@@ -341,6 +351,7 @@ def bundle_artifact(
         selection: how the engine was chosen.
         onnx_sources: further ONNX files to carry (e.g. the fp32 reference).
         triton_repo: also export a Triton model repository there (options: ``triton_options``).
+        multires: the manifest's ``multires`` section (a head-bank engine), see :func:`make_bundle`.
 
     Returns:
         ``{"dir": bundle folder, "manifest": manifest.json path, "tar": path|None, "triton": model dir|None}``.
@@ -376,6 +387,7 @@ def bundle_artifact(
         selection=selection,
         tar=tar,
         overwrite=overwrite,
+        multires=multires,
     )
     triton_dir = None
     if triton_repo:

@@ -83,7 +83,7 @@ def engine_runtime_problems(root: str, engine: BundleEngine, *, check_load: bool
         except ImportError:
             problems.append(
                 f"TensorRT engine {engine.file} needs the 'tensorrt' Python package {built} "
-                "(pip install 'fixres-deploy[gpu]'), which is not installed here"
+                "(pip install 'fixres-deploy[gpu-cu12]' or '[gpu-cu13]'), which is not installed here"
             )
         else:
             have = getattr(trt, "__version__", None)

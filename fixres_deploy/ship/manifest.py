@@ -32,7 +32,8 @@ from fixres_deploy.core.utils import read_json, stable_hash
 
 BUNDLE_FORMAT = "fixres-deploy/bundle"
 #: 2: ``schema_version`` (was ``version``), ``libraries`` by distribution, TensorRT facts as the backend writes them
-MANIFEST_SCHEMA_VERSION = 2
+#: 3: optional ``multires`` section (:class:`MultiresInfo`: a head-bank engine's resolutions, accuracy, latency table)
+MANIFEST_SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.txt"
 ENGINE_DIR = "engine"
@@ -108,6 +109,53 @@ class BundleEngine:
 
 
 @dataclass
+class MultiresInfo:
+    """The ``multires`` section of a bundle whose engine serves several FixRes resolutions.
+
+    Written by :func:`fixres_deploy.export.multires.build_multires_bundle`, read by
+    ``fixres-deploy serve`` (:mod:`fixres_deploy.ship.serve`).
+
+    Attributes:
+        resolutions: R1 < ... < Rn; the graph picks the head of the resolution nearest to the
+            input height, so a client resizes to one of these.
+        accuracy: one ``{"resolution", "top1", "n", "source"}`` per resolution (``source``:
+            what the top-1 was measured on).
+        latency: the service-time table measured on the machine that built the bundle:
+            ``batch_sizes``, ``service_ms`` (one row per resolution, one value per batch size:
+            preprocessing of the decoded images at that resolution + inference, median),
+            ``preprocess_ms_per_image`` (per resolution), ``machine`` and ``machine_key``
+            (:func:`fixres_deploy.core.env.machine_id` and its hash), ``threads``, ``workers``.
+        checkpoints: ``{"resolution", "file", "sha256"}`` of each FixRes checkpoint.
+        head_selection: how the graph chooses the head (for readers of the file).
+    """
+
+    resolutions: list[int]
+    accuracy: list[dict]
+    latency: dict
+    checkpoints: list[dict] = field(default_factory=list)
+    head_selection: str = "nearest resolution to the input height"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MultiresInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or {"resolutions", "accuracy", "latency"} - set(d):
+            raise BundleError("the manifest's multires section needs resolutions, accuracy and latency")
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BundleError(f"unknown multires keys {unknown} in the manifest (written by a newer fixres-deploy?)")
+        info = cls(**d)
+        rows = info.latency.get("service_ms") or []
+        if len(rows) != len(info.resolutions) or any(
+            len(r) != len(info.latency.get("batch_sizes") or []) for r in rows
+        ):
+            raise BundleError("the multires latency table does not have one row per resolution and batch size")
+        return info
+
+
+@dataclass
 class BundleManifest:
     """Everything ``manifest.json`` records; the primary engine is ``engines[0]``.
 
@@ -140,6 +188,7 @@ class BundleManifest:
     hardware: dict | None
     files: dict[str, dict]
     labels_file: str = LABELS_NAME
+    multires: MultiresInfo | None = None
     digest: str | None = None
 
     @property
@@ -152,6 +201,7 @@ class BundleManifest:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["engines"] = [e.to_dict() for e in self.engines]
+        d["multires"] = self.multires.to_dict() if self.multires is not None else None
         # A JSON round trip makes tuples lists, so the digest is the same before and after saving.
         return json_safe(d)
 
@@ -160,7 +210,7 @@ class BundleManifest:
         if not isinstance(d, dict):
             raise BundleError(f"a bundle manifest must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names - set(d) if n not in ("labels_file", "digest"))
+        missing = sorted(n for n in names - set(d) if n not in ("labels_file", "digest", "multires"))
         if missing:
             raise BundleError(f"bundle manifest lacks {missing}")
         unknown = sorted(set(d) - names)
@@ -168,6 +218,8 @@ class BundleManifest:
             raise BundleError(f"unknown bundle manifest keys {unknown} (written by a newer fixres-deploy?)")
         d = dict(d)
         d["engines"] = [BundleEngine.from_dict(e) for e in d["engines"]]
+        if d.get("multires") is not None:
+            d["multires"] = MultiresInfo.from_dict(d["multires"])
         if not d["engines"]:
             raise BundleError("bundle manifest lists no engine")
         return cls(**d)

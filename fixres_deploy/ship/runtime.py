@@ -176,9 +176,13 @@ class Classifier:
         self.close()
 
     # -- preprocessing --------------------------------------------------------------------
-    def prepare(self, image) -> np.ndarray:
-        """The network input of one image (path, PIL image or uint8 H×W×3 / H×W array): float32 3×K×K."""
-        return preprocess_pil(self._as_pil(image), self.preprocess)
+    def prepare(self, image, resolution: int | None = None) -> np.ndarray:
+        """The network input of one image (path, PIL image or uint8 H×W×3 / H×W array): float32 3×K×K.
+
+        ``resolution`` replaces K (a multi-resolution bundle's engine serves several).
+        """
+        cfg = self.preprocess if resolution is None else self.preprocess.at_resolution(resolution)
+        return preprocess_pil(self._as_pil(image), cfg)
 
     def _as_pil(self, image):
         from PIL import Image

@@ -105,6 +105,13 @@ def render_config(
         f"# fixres-deploy bundle: {manifest.backend} {manifest.precision} @{manifest.resolution}px, "
         f"manifest digest {manifest.digest}",
     ]
+    if manifest.multires is not None:
+        res = manifest.multires.resolutions
+        lines.append(
+            f"# Multi-resolution head bank: resize the image to one of {res} px (preprocessing in parameters, "
+            "test_input_size replaced); the graph runs the FixRes head of the resolution nearest to the input "
+            "height. Choosing the resolution is the client's job (fixres-deploy serve does it per batch)."
+        )
     if engine.backend == "tensorrt":
         req = engine.requires
         lines.append(
@@ -158,6 +165,16 @@ def render_config(
         "fixres_deploy.precision.variants": manifest.precision,
         "fixres_deploy.manifest_digest": manifest.digest or "",
     }
+    if manifest.multires is not None:
+        params["fixres_deploy.multires"] = json.dumps(
+            {
+                "resolutions": manifest.multires.resolutions,
+                "accuracy": manifest.multires.accuracy,
+                "head_selection": manifest.multires.head_selection,
+                "resolution_choice": "client",
+            },
+            sort_keys=True,
+        )
     for key, value in params.items():
         lines += [
             "parameters {",

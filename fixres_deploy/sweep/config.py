@@ -147,6 +147,12 @@ def latency_config(spec: dict | str, label: str = "latency"):
         raise UserInputError(f"{label}: {exc}") from exc
 
 
+def _check_shard(value: Any, label: str) -> None:
+    from fixres_deploy.sweep.shard import check_shard_text
+
+    check_shard_text(value, label)
+
+
 class _Checked:
     """Config classes check every field on construction (TOML, flags and Python alike)."""
 
@@ -246,11 +252,27 @@ class SweepConfig(_Checked):
         None, "result store folder (default: OUT/store)", example='store = "runs/store"', path=True
     )
     retry_failed: bool = option(False, "re-run stages recorded as failed")
+    shard: str | None = option(
+        None,
+        "compute only shard K/N of the grid into the shared store and stop; 'auto': from torchrun, "
+        "a Slurm array or a Kubernetes indexed Job (docs/cluster.md)",
+        example='shard = "0/4"',
+        validator=_check_shard,
+    )
+    tensorrt_int8_prediction: bool = option(
+        True,
+        "when int8 is swept, also measure the TensorRT-flavored int8 graph's top-1 on ONNX Runtime CPU "
+        "(TensorRT int8 accuracy predicted before any GPU build)",
+        flag="--no-tensorrt-int8-prediction",
+    )
     max_pixels: int | None = option(
         None,
         "largest batch x height x width per call (default: from available memory; env FIXRES_MAX_PIXELS)",
         example="max_pixels = 50000000",
         minimum=1,
+    )
+    diagnostic_images: int = option(
+        200, "held-out images for the FixRes diagnostic (pooled features per resolution); 0: skip it", minimum=0
     )
 
     def __post_init__(self) -> None:
@@ -339,6 +361,9 @@ class SelectionConfig(_Checked):
         flag="--only-shape-mode",
         example='shape_mode = "fixed"',
         choices=SHAPE_MODES,
+    )
+    allow_mixed_machines: bool = option(
+        False, "compare latencies timed on different machines (sharded sweeps)", section="select"
     )
     precision: str | None = option(
         None,

@@ -90,6 +90,7 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     """
     from fixres_deploy.choose.report import write_report
     from fixres_deploy.core.paths import check_out
+    from fixres_deploy.sweep.shard import shard_summary
     from fixres_deploy.sweep.sweep import run_sweep
 
     t0 = time.perf_counter()
@@ -97,6 +98,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     check_out(pc.out, "dir", flag="--out ([output] dir)")
     summary_config = write_effective_config(pc, pc.out)
     sweep = run_sweep(pc.sweep, pc.out)
+    if pc.sweep.shard:  # a shard computes its stages only; an unsharded run assembles (sweep/shard.py)
+        return shard_summary(pc.sweep, pc.out, sweep.store_misses, sweep.store_hits, time.perf_counter() - t0)
     rep = write_report(sweep, pc.out, pc.select)
     summary = {
         "out": pc.out,

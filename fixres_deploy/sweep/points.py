@@ -32,10 +32,14 @@ class SweepPoint:
         achieved_gflops: gflops_per_image × throughput; ``peak_gflops`` the machine's measured peak.
         contended: the CPU was busy with other processes during the latency run.
         latency_meta: harness details (threads, warm-up, iterations, load, device).
+        latency_rounds: the interleaved timing this latency comes from: ``group`` (store key
+            of the batch's latency group), ``index`` (this engine in it) and per-round values
+            in ms for ``p50``, ``p90``, ``p99``, ``mean`` (paired with every other member's).
         engine_path, onnx_path, checkpoint: what produced the point.
         quant: int8 details (Q/DQ flavor, float layers, calibration) where relevant.
         engine: the engine's ``EngineArtifact.to_dict()`` (what a bundle ships).
         key: content address in the result store.
+        machine: the machine key (``core.env.machine_id``) the latency was timed on.
         error: set when building or measuring failed (other figures are then None).
     """
 
@@ -56,18 +60,21 @@ class SweepPoint:
     latency_p99_ms: float | None = None
     latency_mean_ms: float | None = None
     latency_std_ms: float | None = None
+    latency_device_p50_ms: float | None = None  # CUDA-event device time (GPU backends), beside host p50
     throughput_ips: float | None = None
     gflops_per_image: float | None = None
     achieved_gflops: float | None = None
     peak_gflops: float | None = None
     contended: bool = False
     latency_meta: dict = field(default_factory=dict)
+    latency_rounds: dict | None = None
     engine_path: str | None = None
     onnx_path: str | None = None
     checkpoint: str | None = None
     quant: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     key: str | None = None
+    machine: dict | None = None
     error: str | None = None
 
     @property

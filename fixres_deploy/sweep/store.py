@@ -115,6 +115,7 @@ class ResultStore:
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self.computed: dict[str, int] = {}  # stage -> records computed by this process
         if clean_orphans:
             removed = self.orphans(remove=True)
             if removed:
@@ -259,6 +260,7 @@ class ResultStore:
             self.hits += 1
             return rec, True
         self.misses += 1
+        self.computed[stage] = self.computed.get(stage, 0) + 1
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.{os.getpid()}.", dir=self.root / "artifacts"))
         try:
             return self._compute(key, stage, inputs, fn, tmp_dir), False
@@ -287,9 +289,9 @@ class ResultStore:
         )
         try:
             files = _file_table(tmp_dir)
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            os.replace(tmp_dir, final_dir)
+            other = self._publish(key, stage, tmp_dir, final_dir)
+            if other is not None:  # a concurrent writer (a sweep shard) stored the same stage first
+                return other
             record = {
                 "key": key,
                 "stage": stage,
@@ -308,6 +310,34 @@ class ResultStore:
                 raise _transient(stage, exc) from exc
             raise
         return stamp(record, STORE_RECORD_FORMAT, STORE_SCHEMA_VERSION)
+
+    def _publish(self, key: str, stage: str, tmp_dir: Path, final_dir: Path) -> dict | None:
+        """Rename a stage's folder into place; the winner's record if another writer got there first.
+
+        Shards of a sweep share one store (possibly on a network filesystem) and may race on a
+        key: the race is benign — the first complete record wins and the other copy is
+        discarded. Only renames are used (atomic on POSIX filesystems and on an NFS server).
+        """
+        other = self.get(key)
+        if other is not None and not other.get("error") and not self.verify(other):
+            return other
+        if final_dir.exists():  # a stale folder: its record is missing, failed or lost files
+            aside = final_dir.with_name(f".{key[:12]}.{os.getpid()}.stale{time.monotonic_ns()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final_dir, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(tmp_dir, final_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            for _ in range(600):  # another writer renamed its folder in between: wait for its record
+                other = self.get(key)
+                if other is not None and not self.verify(other):
+                    return other
+                time.sleep(0.1)
+            raise
+        return None
 
     # -- maintenance ------------------------------------------------------------------------
     def orphans(self, *, remove: bool = False, max_age_s: float = ORPHAN_MAX_AGE_S) -> list[Path]:

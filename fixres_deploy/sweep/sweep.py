@@ -12,11 +12,14 @@ nothing twice; a changed input re-measures only what depends on it. A failed sta
 recorded with its error and the sweep goes on.
 
 Accuracy does not depend on the batch size, so it is measured once per engine graph and
-shape mode (at the largest batch of the grid); latency is measured per batch size.
+shape mode (at the largest batch of the grid). Latency does not depend on the weights: it is
+keyed by the graph's structure, and all engines of one batch size are timed together,
+interleaved in rounds, after every engine is built (:mod:`fixres_deploy.sweep.latency_groups`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,13 +34,17 @@ from fixres_deploy.core.limits import check_pixels
 from fixres_deploy.core.schema import check_schema, stamp
 from fixres_deploy.core.utils import progress, read_json, sha256_file, write_json
 from fixres_deploy.sweep.config import SweepConfig
+from fixres_deploy.sweep.latency_groups import LatencyGroups
 from fixres_deploy.sweep.points import SweepPoint
+from fixres_deploy.sweep.shard import merge_note, my_cells, resolve_shard, write_manifest
 from fixres_deploy.sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "fixres-deploy/sweep"
-SWEEP_SCHEMA_VERSION = 1
+#: 2: latency per graph structure, timed per batch in interleaved rounds (latency_groups,
+#: points' latency_rounds); FixRes diagnostics
+SWEEP_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -57,6 +64,9 @@ class SweepResult:
     store_misses: int
     failures: list[dict] = field(default_factory=list)
     finetune_curve: list[dict] = field(default_factory=list)
+    tensorrt_int8_prediction: list[dict] = field(default_factory=list)  # sweep/trt_int8.py
+    latency_groups: list[dict] = field(default_factory=list)
+    diagnostics: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,7 +177,8 @@ class _Sweep:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ResultStore(cfg.store or self.out_dir / "store")
+        # a shard leaves temp folders alone: other shards (maybe on other hosts) may be writing them
+        self.store = ResultStore(cfg.store or self.out_dir / "store", clean_orphans=resolve_shard(cfg.shard) is None)
         self.lat_cfg = cfg.latency_config()
         self.versions = library_versions(*PIPELINE_MODULES)
         self.machine = machine_id()
@@ -216,15 +227,19 @@ class _Sweep:
             "sweep", self.resolutions, [self.max_batch], override=cfg.max_pixels, flags="resolutions/batch_sizes"
         )
         self.mods = resolve_fixres_modules(loaded.model)
-        peak_rec, _ = self.store.run(
-            "peak",
-            {"machine": self.machine, "versions": self.versions, "threads": cfg.threads},
-            lambda d: measure_peak_gflops(threads=cfg.threads),
-        )
-        self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
+        self.shard = resolve_shard(cfg.shard)  # (K, N) or None; see sweep/shard.py
+        self.peak = None
+        if not self.shard:  # a machine figure: measured where the latencies are (the merge)
+            peak_rec, _ = self.store.run(
+                "peak",
+                {"machine": self.machine, "versions": self.versions, "threads": cfg.threads},
+                lambda d: measure_peak_gflops(threads=cfg.threads),
+            )
+            self.peak = (peak_rec.get("result") or {}).get("peak_gflops")
         self.eval_cache = _EvalCache(self.eval_index, self.base_cfg)
         self.points: list[SweepPoint] = []
         self.failures: list[dict] = []
+        self.groups = LatencyGroups(self)
 
     # -- helpers --------------------------------------------------------------------------
     def _run(self, stage: str, inputs: dict, fn, what: str) -> dict:
@@ -369,6 +384,7 @@ class _Sweep:
             "recipe": recipe.to_dict(),
             "method": cfg.calibration_method if int8 else None,
             "float_layers": cfg.int8_float_layers if int8 else None,
+            "qdq_float_parts": "fp16" if recipe.flavor == "tensorrt" else None,  # precision/qdq_fp16.py
             "calibration": {
                 "train": self.train_hash,
                 "n": cfg.calibration_size,
@@ -444,26 +460,58 @@ class _Sweep:
         }
         return self._run("accuracy", inputs, do_acc, what)["result"]
 
-    def latency(self, art: dict, batch: int, res: int, what: str) -> dict:
-        from fixres_deploy.backends.base import load_runner
-        from fixres_deploy.measure.bench import measure_latency
+    def diagnostics(self, resolutions: Sequence[int] | None = None) -> dict | None:
+        """The FixRes diagnostic per resolution (:mod:`fixres_deploy.fixres.diagnostics`), one stage each."""
+        from fixres_deploy.fixres.diagnostics import resolution_diagnostic, spread_indices
+        from fixres_deploy.models.registry import load_model
 
-        def do_lat(d: Path) -> dict:
-            x = np.random.default_rng(0).standard_normal((batch, 3, res, res)).astype(np.float32)
-            with load_runner(art) as runner:
-                return measure_latency(runner, x, self.lat_cfg).to_dict()
+        if not self.mods.head_names:
+            return None
+        rows = []
+        for res in self.resolutions if resolutions is None else resolutions:
+            ft = None
+            if True in self.cfg.finetune:
+                try:
+                    ft = self.model_at(res, True)
+                except _Stage:
+                    continue
 
-        inputs = {
-            "engine": art.get("sha256") or art.get("path"),
-            "batch": batch,
-            "resolution": res,
-            "latency": self.lat_cfg.to_dict(),
-            "machine": self.machine,
-            "threads": self.cfg.threads,
-            "versions": self.versions,
+            def do_diag(d: Path, ft=ft, res=res) -> dict:
+                x = self.eval_cache.get(res)[0]
+                x = x[spread_indices(len(x), self.cfg.diagnostic_images)]
+                tuned = (
+                    load_model(self.loaded.spec, self.loaded.num_classes, ft[0], image_size=res).model if ft else None
+                )
+                return resolution_diagnostic(
+                    self.loaded.model,
+                    tuned,
+                    x,
+                    res,
+                    classifier=self.mods.head_names[0],
+                    bn_names=self.mods.bn_names,
+                    train_res=self.train_res,
+                )
+
+            inputs = {
+                "checkpoint": self.ckpt_sha,
+                "finetuned": ft[1] if ft else None,
+                "eval": self.eval_hash,
+                "images": self.cfg.diagnostic_images,
+                "preprocess": self.base_cfg.at_resolution(res).to_dict(),
+                "modules": self.mods.to_dict(),
+                "versions": {"torch": self.versions["torch"]},
+            }
+            try:
+                rows.append(self._run("diagnostic", inputs, do_diag, f"@{res}")["result"])
+            except _Stage:
+                continue
+        return {
+            "images": min(self.cfg.diagnostic_images, len(self.eval_index)),
+            "classifier": self.mods.head_names[0],
+            "bn_modules": list(self.mods.bn_names),
+            "train_res": self.train_res,
+            "resolutions": rows,
         }
-        rec = self._run("latency", inputs, do_lat, what)
-        return {**rec["result"], "key": rec["key"]}
 
     # -- grid -----------------------------------------------------------------------------
     def measure_mode(self, base: dict, var_path: str, var_sha: str, mode: str) -> None:
@@ -471,8 +519,9 @@ class _Sweep:
         res, backend, precision = base["resolution"], base["backend"], base["precision"]
         what = f"{backend} {precision} @{res} {mode}{' FixRes' if base['finetuned'] else ''}"
         engines: dict[int, dict] = {}
+        shape_specs = self.shapes_for(res, mode)
         try:
-            for b, shapes in self.shapes_for(res, mode).items():
+            for b, shapes in shape_specs.items():
                 engines[b] = (
                     engines[next(iter(engines))]
                     if mode == "dynamic" and engines
@@ -498,20 +547,22 @@ class _Sweep:
                 engine_path=art.get("path"),
                 engine=art,
             )
-            try:
-                lat = self.latency(art, b, res, f"{what} b{b}")
-                point.key = lat["key"]
-                _fill_latency(point, lat)
-            except _Stage as exc:
-                point.error = str(exc)
+            self.groups.add(point, art, var_path, b, res, shape_specs[b].to_dict())  # timed in run()
             self.points.append(point)
 
     def run(self) -> SweepResult:
+        from fixres_deploy.sweep import trt_int8
+
         cfg = self.cfg
+        self.trt_int8_rows: list[dict] = []
         per_model = len(cfg.precisions) * len(cfg.backends) * len(cfg.shape_modes)
         bar = progress(total=len(self.resolutions) * len(cfg.finetune) * per_model, desc="sweep")
+        mine = my_cells([(res, ft) for res in self.resolutions for ft in cfg.finetune], self.shard)
         for res in self.resolutions:
             for ft in cfg.finetune:
+                if (res, ft) not in mine:  # another shard's cell
+                    bar.update(per_model)
+                    continue
                 bar.set_postfix_str(f"{'fine-tune + ' if ft else ''}export @{res}")
                 try:
                     ckpt_path, model_sha = self.model_at(res, ft)
@@ -519,6 +570,9 @@ class _Sweep:
                 except _Stage:
                     bar.update(per_model)
                     continue
+                if trt_int8.enabled(cfg):
+                    with contextlib.suppress(_Stage):  # a failure is recorded in failures
+                        self.trt_int8_rows.append(trt_int8.predict(self, res, ft, onnx_path, onnx_sha))
                 for precision in cfg.precisions:
                     for backend in cfg.backends:
                         base = dict(
@@ -547,6 +601,25 @@ class _Sweep:
                             )
                             bar.update(1)
         bar.close()
+        if self.shard:  # a shard: its cells' stages only; competitors are timed together by the merge
+            if cfg.diagnostic_images:
+                self.diagnostics([r for r in self.resolutions if (r, True in cfg.finetune) in mine])
+            write_manifest(self.store.root, cfg.to_dict(), self.shard, self.machine, self.store.misses, self.store.hits)
+            return self._result([], None)
+        latency_groups = self.groups.run()  # competitors timed together, interleaved in rounds
+        diagnostics = self.diagnostics() if cfg.diagnostic_images else None
+        for p in self.points:
+            if p.latency_p50_ms is not None:
+                p.machine = self.machine
+        merge_note(self.store, self.cfg.to_dict())
+        result = self._result(latency_groups, diagnostics)
+        result.save(self.out_dir / "sweep.json")
+        return result
+
+    def _result(self, latency_groups: list[dict], diagnostics: dict | None) -> SweepResult:
+        from fixres_deploy.sweep import trt_int8
+
+        cfg = self.cfg
         result = SweepResult(
             points=self.points,
             train_res=self.train_res,
@@ -561,8 +634,10 @@ class _Sweep:
             store_misses=self.store.misses,
             failures=self.failures,
             finetune_curve=_curve_from_points(self.points, self.train_res),
+            tensorrt_int8_prediction=trt_int8.with_fp32_reference(self.trt_int8_rows, self.points),
+            latency_groups=latency_groups,
+            diagnostics=diagnostics,
         )
-        result.save(self.out_dir / "sweep.json")
         return result
 
 
@@ -572,6 +647,7 @@ def _fill_latency(point: SweepPoint, lat: dict) -> None:
     point.latency_p99_ms = lat["latency_p99_ms"]
     point.latency_mean_ms = lat["latency_mean_ms"]
     point.latency_std_ms = lat["latency_std_ms"]
+    point.latency_device_p50_ms = lat.get("latency_device_p50_ms")
     point.throughput_ips = lat["throughput_ips"]
     point.contended = bool(lat.get("contended"))
     point.latency_meta = {

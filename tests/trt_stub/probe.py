@@ -156,7 +156,8 @@ def check_api(trt, request: dict) -> dict:
         checked.append(f"{label}({call['npos']} positional{kws})")
         if problem:
             problems.append(f"line {call['line']}: {label}: {problem}")
-    return {"chains": chains, "members": members, "signature_problems": problems,
+    gated = {c: resolve_chain(trt, c)[0] for c in request.get("gated", [])}
+    return {"chains": chains, "gated": gated, "members": members, "signature_problems": problems,
             "checked_signatures": sorted(set(checked))}
 
 
@@ -168,47 +169,116 @@ def _err(fn):
         return {"ok": False, "type": type(exc).__name__, "message": str(exc)}
 
 
+class _Recorder:
+    """A stand-in IBuilderConfig / Builder: records what Polygraphy's CreateConfig does to it."""
+
+    def __init__(self, log):
+        object.__setattr__(self, "_log", log)
+
+    def __getattr__(self, name):
+        log = self._log
+
+        def method(*args, **kwargs):
+            log.append([name, [_show(a) for a in args], {k: _show(v) for k, v in kwargs.items()}])
+            if name == "create_builder_config":
+                return _Recorder(log)
+            if name == "create_timing_cache":
+                return _Recorder(log)
+            return True
+
+        return method
+
+    def __setattr__(self, name, value):
+        self._log.append(["set " + name, [_show(value)], {}])
+
+
+def _show(v):
+    name = getattr(v, "name", None)
+    if name is not None and type(v).__module__.startswith("tensorrt"):
+        return f"{type(v).__name__}.{name}"
+    if isinstance(v, (bytes, bytearray)):
+        return f"bytes[{len(v)}]"
+    return repr(v) if not isinstance(v, (int, float, str)) else v
+
+
 def check_behaviour(trt, request: dict) -> dict:
     import numpy as np
 
     from fixres_deploy.backends import tensorrt_backend as tb
     from fixres_deploy.backends.base import BuildOptions, ShapeSpec
 
+    pg = tb.import_polygraphy()
     out: dict = {"version": trt.__version__, "file": trt.__file__, "major": tb.trt_major(trt)}
     out["check_version"] = _err(lambda: tb.check_version(trt))
     out["builder_direct"] = _err(lambda: repr(trt.Builder(trt.Logger())))
     out["runtime_direct"] = _err(lambda: repr(trt.Runtime(trt.Logger())))
-    logger = tb.make_logger(trt)
-    logger.log(trt.ILogger.Severity.ERROR, "probe error message")
-    out["logger"] = {"is_ilogger": isinstance(logger, trt.ILogger), "errors": logger.errors}
-    out["create_builder"] = _err(lambda: repr(tb.create_builder(trt, logger)))
-    out["create_runtime"] = _err(lambda: repr(tb.create_runtime(trt, logger)))
     from fixres_deploy.backends.cuda_utils import ensure_device, import_cudart
 
     out["cuda_device"] = _err(lambda: ensure_device(import_cudart()))["ok"]
-    strongly = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    out["strongly_typed_bit"] = 1 << int(strongly)
-    out["network_flags"] = {
-        "carries": tb.network_creation_flags(trt, carries_precision=True, legacy_fp16_flag=False),
-        "fp32": tb.network_creation_flags(trt, carries_precision=False, legacy_fp16_flag=False),
-        "legacy": tb.network_creation_flags(trt, carries_precision=False, legacy_fp16_flag=True),
+    out["gated_present"] = {name: tb.gated_name_expected(name, tb.trt_version(trt)) for name in tb.VERSION_GATED}
+    out["strongly_typed"] = {
+        "carries": tb.strongly_typed_network(trt, carries_precision=True, legacy_fp16_flag=False),
+        "fp32": tb.strongly_typed_network(trt, carries_precision=False, legacy_fp16_flag=False),
+        "legacy": tb.strongly_typed_network(trt, carries_precision=False, legacy_fp16_flag=True),
     }
-    out["fp16_flags_legacy"] = _err(
-        lambda: [f.name for f in tb.precision_builder_flags(trt, precision="fp16", legacy_fp16_flag=True)])
-    out["fp16_flags_default"] = _err(
-        lambda: [f.name for f in tb.precision_builder_flags(trt, precision="fp16", legacy_fp16_flag=False)])
-    out["legacy_int8"] = _err(lambda: tb.precision_builder_flags(trt, precision="int8", legacy_fp16_flag=True))
-    out["hardware_levels"] = {n: tb.hardware_compatibility_level(trt, n).name for n in tb.HARDWARE_COMPATIBILITY}
+    out["fp16_legacy"] = _err(lambda: tb.legacy_fp16_allowed(trt, precision="fp16", legacy_fp16_flag=True))
+    out["fp16_default"] = _err(lambda: tb.legacy_fp16_allowed(trt, precision="fp16", legacy_fp16_flag=False))
+    out["legacy_int8"] = _err(lambda: tb.legacy_fp16_allowed(trt, precision="int8", legacy_fp16_flag=True))
+    out["hardware_levels"] = {
+        n: _err(lambda n=n: _show(tb.hardware_compatibility_level(trt, n))) for n in tb.HARDWARE_COMPATIBILITY
+    }
     out["hardware_bad"] = _err(lambda: tb.hardware_compatibility_level(trt, "hopper_only"))
     out["validate_legacy"] = _err(lambda: tb.validate_options(trt, BuildOptions(legacy_fp16_flag=True), precision="fp16"))
     out["nptype"] = {"FLOAT": np.dtype(trt.nptype(trt.DataType.FLOAT)).name,
                      "HALF": np.dtype(trt.nptype(trt.DataType.HALF)).name}
+    # Polygraphy's CreateConfig run against the real module's enums on a recording config.
+    dyn = ShapeSpec.resolution_bands([request["onnx_res"], 2 * request["onnx_res"]], max_batch=4, bands=2)
+    carried = {"qdq": False, "fp16": False}
+    configs = {
+        "fp32": (BuildOptions(workspace_mb=64, optimization_level=4, timing_cache=request["out_dir"] + "/t.cache"), "fp32"),
+        "tf32": (BuildOptions(tf32=True), "fp32"),
+        "ampere": (BuildOptions(hardware_compatibility="ampere_plus"), "fp32"),
+        "same_cc": (BuildOptions(hardware_compatibility="same_compute_capability"), "fp32"),
+        "legacy_fp16": (BuildOptions(legacy_fp16_flag=True), "fp16"),
+    }
+    out["config_calls"] = {}
+    for label, (opts, precision) in configs.items():
+        def run(opts=opts, precision=precision):
+            net, cfg, applied = tb.make_loaders(trt, pg, request["onnx"], dyn, opts, precision=precision, carried=carried)
+            log = []
+            cfg(_Recorder(log), None)  # network None: Polygraphy skips the profile step
+            return {"applied": applied, "calls": log, "profiles": [str(p) for p in cfg.profiles or []],
+                    "strongly_typed": net.strongly_typed}
+        out["config_calls"][label] = _err(run)
+    # Every call Polygraphy made on the recorder must exist on the real IBuilderConfig / Builder.
+    problems, checked = [], set()
+    for label, entry in out["config_calls"].items():
+        for name, args, kwargs in (entry["value"]["calls"] if entry["ok"] else []):
+            owner = trt.Builder if name == "create_builder_config" else trt.IBuilderConfig
+            if name.startswith("set "):
+                attr = inspect.getattr_static(owner, name[4:], None)
+                if not (isinstance(attr, property) and attr.fset is not None):
+                    problems.append(f"{label}: {owner.__name__}.{name[4:]} is not a settable property")
+            elif not hasattr(owner, name):
+                problems.append(f"{label}: {owner.__name__}.{name} missing")
+            else:
+                p = signature_problem(getattr(owner, name), name, len(args), list(kwargs))
+                if p:
+                    problems.append(f"{label}: {p}")
+            checked.add(f"{owner.__name__}.{name.removeprefix('set ')}")
+    out["config_api"] = {"problems": problems, "checked": sorted(checked)}
     shapes = ShapeSpec.fixed(1, request["onnx_res"])
+    net, cfg, _ = tb.make_loaders(trt, pg, request["onnx"], shapes, BuildOptions(), precision="fp32", carried=carried)
+    out["polygraphy_build"] = _err(lambda: tb.build_plan(trt, pg, net, cfg, None))
+    out["polygraphy_load"] = _err(lambda: tb.load_engine(trt, pg, b"not a plan"))
     out["build_fp32"] = _err(lambda: tb.build_impl(request["onnx"], shapes, BuildOptions(), out_dir=request["out_dir"],
                                                    precision="fp32", name="probe").to_dict())
     out["build_legacy_fp16"] = _err(lambda: tb.build_impl(
         request["onnx"], shapes, BuildOptions(legacy_fp16_flag=True), out_dir=request["out_dir"],
         precision="fp16", name="probe16").to_dict())
+    out["build_same_cc"] = _err(lambda: tb.build_impl(
+        request["onnx"], shapes, BuildOptions(hardware_compatibility="same_compute_capability"),
+        out_dir=request["out_dir"], precision="fp32", name="probe_cc").to_dict())
     runner = tb.TensorRTRunner(request["plan"], shapes=shapes)
     out["runner_activate"] = _err(lambda: runner.activate() and None)
     out["runner_active_after_failure"] = runner.is_active
