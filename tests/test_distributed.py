@@ -42,7 +42,18 @@ def _env(**extra) -> dict:
 
 
 def launch(world: int, args: list[str], *, worker_opts=(), timeout_s: float = 300, **extra_env):
-    """Run the worker as ``world`` processes (world 1: no launcher variables at all)."""
+    """Run the worker as ``world`` processes (world 1: no launcher variables at all).
+
+    The rendezvous port is picked free just before; if another process on this shared
+    machine took it in between, the launch is repeated once on a new port.
+    """
+    runs = _launch(world, args, worker_opts, timeout_s, extra_env)
+    if world > 1 and any("address already in use" in err.lower() for _, _, err in runs):
+        runs = _launch(world, args, worker_opts, timeout_s, extra_env)
+    return runs
+
+
+def _launch(world, args, worker_opts, timeout_s, extra_env):
     port = _free_port()
     procs = []
     for r in range(world):

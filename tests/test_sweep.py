@@ -185,7 +185,7 @@ def test_sweep_refuses_an_unavailable_backend_before_any_work(tmp_path, small_ck
         pytest.skip("TensorRT is installed here")
     out = tmp_path / "sw"
     cfg = _cfg(small_ckpt, demo_small, out, backends=["onnxruntime", "tensorrt"], finetune=[False, True])
-    with pytest.raises(MissingDependencyError, match=r"tensorrt.*fixres-deploy\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"tensorrt.*fixres-deploy\[gpu-cu12\]"):
         run_sweep(cfg, out)
     assert not (out / "store").exists() or not any((out / "store" / "objects").iterdir())
 
@@ -202,6 +202,15 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     data = json.loads((out / "report.json").read_text())
     for key in ("points", "pareto", "selected", "reason", "iso_latency_gain", "iso_accuracy_speedup"):
         assert key in data
+    # TensorRT int8 accuracy predicted on CPU: one row per (resolution, fine-tune), the
+    # TensorRT-flavored graph, beside the ORT fp32 top-1 of the same model
+    pred = data["tensorrt_int8_prediction"]
+    assert sorted((r["resolution"], r["finetuned"]) for r in pred) == [(64, False), (64, True), (96, False), (96, True)]
+    for r in pred:
+        assert r["flavor"] == "s8s8_symmetric" and r["graph_optimization"] == "disable"
+        assert 0 <= r["top1"] <= 1 and r["fp32_top1"] is not None
+        assert r["drop_pts"] == round(100 * (r["fp32_top1"] - r["top1"]), 2)
+    assert "TensorRT int8 accuracy (predicted on CPU; latency needs TensorRT)" in (out / "report.md").read_text()
     # ratios per round with intervals; the re-run count; the FixRes diagnostic per resolution
     lr = data["latency_ratios"]
     assert lr["stat"] == "p50" and len(lr["front_neighbours"]) == len(data["pareto"]) - 1

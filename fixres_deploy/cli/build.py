@@ -50,6 +50,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         hardware_compatibility=args.hardware_compat,
         legacy_fp16_flag=args.legacy_fp16,
+        tf32=args.tf32,
         extra=extra,
     )
     resolutions = parse_int_list(args.resolutions, "--resolutions")
@@ -136,7 +137,12 @@ def _build_parser(sub) -> None:
         "--hardware-compat",
         default="none",
         choices=["none", "ampere_plus", "same_compute_capability"],
-        help="TensorRT hardware compatibility level",
+        help="TensorRT hardware compatibility level ('same_compute_capability' needs TensorRT >= 10.9)",
+    )
+    g.add_argument(
+        "--tf32",
+        action="store_true",
+        help="TensorRT fp32 engines may use TF32 tensor cores (default: cleared, fp32 is fp32; recorded in the index)",
     )
     g.add_argument(
         "--legacy-fp16",
