@@ -37,8 +37,10 @@ def _free_port() -> int:
 
 
 def make_trace(phases: list[tuple[str, float, float]], n_images: int, seed: int, max_requests: int) -> list[dict]:
-    """Poisson arrivals: ``phases`` = [(name, seconds, requests per second)], images drawn uniformly."""
+    """Poisson arrivals: ``phases`` = [(name, seconds, requests per second)]; images in a shuffled
+    cycle (every image about equally often, so the top-1 of the answers estimates the set's)."""
     rng = np.random.default_rng(seed)
+    order = rng.permutation(n_images)
     trace, t0 = [], 0.0
     for name, seconds, rate in phases:
         t = t0
@@ -46,7 +48,7 @@ def make_trace(phases: list[tuple[str, float, float]], n_images: int, seed: int,
             t += rng.exponential(1.0 / rate)
             if t >= t0 + seconds or len(trace) >= max_requests:
                 break
-            trace.append({"t": t, "phase": name, "image": int(rng.integers(n_images))})
+            trace.append({"t": t, "phase": name, "image": int(order[len(trace) % n_images])})
         t0 += seconds
     return trace
 

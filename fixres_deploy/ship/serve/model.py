@@ -134,7 +134,10 @@ class MultiresModel:
         self.accuracy = {int(a["resolution"]): a.get("top1") for a in info.accuracy}
         self.latency = dict(info.latency)
         self.class_names = list(self.classifier.class_names)
-        self.name = name or os.path.basename(os.path.abspath(self.classifier.bundle_dir))
+        base = os.path.basename(os.path.abspath(os.fspath(bundle_dir)))  # a .tar.gz is extracted to a temp folder
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            base = base.removesuffix(suffix)
+        self.name = name or base
         self.max_batch = self.classifier.max_batch
         self.classifier.activate()
         self.runner = BatchRunner(
