@@ -299,7 +299,7 @@ def test_overload_gets_503_with_retry_after(model, val_images):
 
     from fixres_deploy.ship.serve.app import Server, ServerConfig, create_app
 
-    release = threading.Event()
+    hold, release = threading.Event(), threading.Event()
 
     class Blocked:
         """The real model, with batches held until released (a burst the server cannot absorb)."""
@@ -308,7 +308,8 @@ def test_overload_gets_503_with_retry_after(model, val_images):
             return getattr(model, name)
 
         def run_batch(self, images, resolution):
-            release.wait(30)
+            if hold.is_set():  # after the server's warm-up
+                release.wait(30)
             return model.run_batch(images, resolution)
 
     server = Server(Blocked(), ServerConfig(slo_p99_ms=1000.0, max_batch=2, max_queue=4, max_delay_ms=0))
@@ -318,6 +319,7 @@ def test_overload_gets_503_with_retry_after(model, val_images):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             server.start()
+            hold.set()
             try:
                 tasks = [
                     asyncio.create_task(

@@ -117,7 +117,23 @@ class Server:
         )
 
     def start(self) -> None:
+        self.warm_up()
         self.batcher.start()
+
+    def warm_up(self) -> None:
+        """Decode one image and run one batch per resolution before serving: the first request
+        must not pay for lazy imports and first-run engine setup (its age counts against the
+        objective, and admission would refuse it)."""
+        import io
+
+        import starlette.concurrency  # noqa: F401  (imported here, not on the first request)
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (128, 64, 32)).save(buf, format="PNG")
+        image = decode_image(buf.getvalue())
+        for r in self.model.resolutions:
+            self.model.run_batch([image], r)
 
     def stop(self) -> None:
         self.batcher.stop()
