@@ -99,6 +99,12 @@ def _selected_engine(out) -> str:
     return rep["points"][rep["selected"]]["engine_path"]
 
 
+def _umask() -> int:
+    from fixres_deploy.core.utils import current_umask
+
+    return current_umask()
+
+
 def _bundle_engine_sha(out) -> str:
     manifest = json.loads(open(os.path.join(out, "bundle", "manifest.json")).read())
     engine_file = manifest["engines"][0]["file"]
@@ -176,6 +182,24 @@ def test_1_corrupt_and_truncated_store_artifacts_are_quarantined_and_recomputed(
     assert main(["store", "gc", str(out), "--json"]) == 0
     capsys.readouterr()
     assert list((out / "store" / "quarantine").iterdir()) == []
+
+
+def test_1b_one_key_quarantined_twice_within_a_second(tmp_path):
+    """Two quarantines of one key by one process in the same second once collided (Errno 39)."""
+    from fixres_deploy.sweep.store import ResultStore
+
+    store = ResultStore(tmp_path / "store")
+
+    def make(d):
+        (d / "engine.onnx").write_bytes(b"engine bytes")
+        return {"path": str(d / "engine.onnx"), "files": [str(d / "engine.onnx")]}
+
+    dests = []
+    for _ in range(2):
+        rec, _ = store.run("engine", {"k": 1}, make)
+        dests.append(store.quarantine(rec["key"], ["test"]))
+    assert dests[0] != dests[1] and all((d / "artifacts" / "engine.onnx").exists() for d in dests)
+    assert stat.S_IMODE(os.stat(dests[0]).st_mode) == 0o777 & ~_umask()
 
 
 # --------------------------------------------------------------------------- 2. copied run folder

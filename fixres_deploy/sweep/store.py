@@ -45,7 +45,7 @@ from typing import Any
 
 from fixres_deploy.core.errors import FixResError
 from fixres_deploy.core.schema import SchemaVersionError, check_schema, stamp
-from fixres_deploy.core.utils import sha256_file, stable_hash, strip_ansi, write_json
+from fixres_deploy.core.utils import current_umask, sha256_file, stable_hash, strip_ansi, write_json
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,14 @@ class ResultStore:
         return problems
 
     def quarantine(self, key: str, problems: list[str]) -> Path:
-        """Move a record and its artifact folder to ``quarantine/<key>.<time>/``; return that folder."""
-        dest = self.root / "quarantine" / f"{key}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
-        dest.mkdir(parents=True, exist_ok=True)
+        """Move a record and its artifact folder to ``quarantine/<key>.<time>.<pid>.<random>/``; return that folder.
+
+        The folder is new every time (mkdtemp): one key can be quarantined twice within a second.
+        """
+        (self.root / "quarantine").mkdir(parents=True, exist_ok=True)
+        prefix = f"{key}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}."
+        dest = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "quarantine"))
+        os.chmod(dest, 0o777 & ~current_umask())  # mkdtemp makes 0700
         folder = self.artifact_dir(key)
         if folder.exists():
             os.replace(folder, dest / "artifacts")
