@@ -337,8 +337,10 @@ def test_overload_gets_503_with_retry_after(model, val_images):
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
-    # the batch in flight (1 or 2 requests, as they arrived) + 4 queued are served; the rest are refused at once
-    assert codes.count(200) in (5, 6) and codes.count(503) == 12 - codes.count(200)
+    # at most the batch in flight (max_batch 2) + max_queue 4 are served; the rest are refused at once.
+    # Fewer may be served on a busy machine: admission also refuses a request whose predicted answer
+    # (its age + the queue ahead) would miss the objective, and ages grow while decoding is slow.
+    assert 1 <= codes.count(200) <= 6 and codes.count(503) == 12 - codes.count(200)
     refused = [r for r in responses if r.status_code == 503]
     assert all(int(r.headers["Retry-After"]) >= 1 and "overloaded" in r.json()["error"] for r in refused)
 
