@@ -180,6 +180,23 @@ def evaluate_predict_fn(
     return result
 
 
+def evaluate_runner_on_arrays(
+    runner, x: np.ndarray, y: np.ndarray, idx: np.ndarray, skipped: list, batch: int, fixed_batch: bool
+):
+    """Top-1 of a backend runner on preprocessed arrays (pads the last batch for fixed-batch engines)."""
+    meter = AccuracyMeter()
+    meter.skips.extend(skipped)
+    with runner:
+        for s in range(0, len(x), batch):
+            xb = x[s : s + batch]
+            n = len(xb)
+            if fixed_batch and n < batch:
+                xb = np.concatenate([xb, np.zeros((batch - n,) + xb.shape[1:], dtype=xb.dtype)])
+            logits = runner.predict(np.ascontiguousarray(xb))[:n]
+            meter.update(logits, y[s : s + n], idx[s : s + n])
+    return meter.result()
+
+
 def torch_predict_fn(model, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
     """Wrap a torch model as a numpy predict function (eval mode, no grad)."""
     import torch

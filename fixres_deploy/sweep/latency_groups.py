@@ -82,7 +82,7 @@ class LatencyGroups:
         return summaries
 
     def _run_group(self, members: list[_Pending], batch: int) -> dict:
-        from fixres_deploy.sweep.sweep import _fill_latency, _Stage
+        from fixres_deploy.sweep.store import StageFailed
 
         sw = self.sweep
         unique: dict[str, _Pending] = {}
@@ -107,7 +107,7 @@ class LatencyGroups:
         inputs = {"members": keys, "latency": sw.lat_cfg.to_dict(), "machine": sw.machine, "batch": batch}
         try:
             rec = sw._run("latency_group", inputs, do_group, what)
-        except _Stage as exc:
+        except StageFailed as exc:
             for m in members:
                 m.point.error = str(exc)
             return {"key": None, "batch": batch, "members": len(keys), "points": len(members), "error": str(exc)}
@@ -121,7 +121,7 @@ class LatencyGroups:
             sw.store.run("latency", m.inputs, lambda d, lat=lat: {**lat, "group": rec["key"]})
         for m in members:
             i = index[m.key]
-            _fill_latency(m.point, rounds.results[i].to_dict())
+            m.point.set_latency(rounds.results[i].to_dict())
             m.point.key = m.key
             m.point.latency_rounds = {
                 "group": rec["key"],

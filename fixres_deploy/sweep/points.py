@@ -97,6 +97,27 @@ class SweepPoint:
     def latency(self, percentile: str = "p50") -> float | None:
         return getattr(self, f"latency_{percentile}_ms")
 
+    def set_latency(self, lat: dict) -> None:
+        """Take the latency fields of one measurement (a ``LatencyResult.to_dict()``)."""
+        self.latency_p50_ms = lat["latency_p50_ms"]
+        self.latency_p90_ms = lat["latency_p90_ms"]
+        self.latency_p99_ms = lat["latency_p99_ms"]
+        self.latency_mean_ms = lat["latency_mean_ms"]
+        self.latency_std_ms = lat["latency_std_ms"]
+        self.latency_device_p50_ms = lat.get("latency_device_p50_ms")
+        self.throughput_ips = lat["throughput_ips"]
+        self.contended = bool(lat.get("contended"))
+        self.latency_meta = {
+            "repeat_p50_ms": lat.get("latency_p50_repeats_ms"),
+            "iters": lat.get("iters"),
+            "threads": lat.get("threads"),
+            "load": lat.get("load"),
+            "remeasured": lat.get("remeasured"),
+            "p50_spread_pct": lat.get("p50_spread_pct"),
+        }
+        if self.gflops_per_image and self.throughput_ips:
+            self.achieved_gflops = self.gflops_per_image * self.throughput_ips
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

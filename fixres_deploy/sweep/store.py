@@ -106,6 +106,10 @@ def find_store(path: str | os.PathLike) -> Path:
     )
 
 
+class StageFailed(Exception):
+    """A stage failed (already recorded in the store): skip what depends on it."""
+
+
 class ResultStore:
     """Records under ``root/objects/<k[:2]>/<key>.json``; stage files under ``root/artifacts/<key>/``."""
 

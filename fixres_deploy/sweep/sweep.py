@@ -37,7 +37,7 @@ from fixres_deploy.sweep.config import SweepConfig
 from fixres_deploy.sweep.latency_groups import LatencyGroups
 from fixres_deploy.sweep.points import SweepPoint
 from fixres_deploy.sweep.shard import merge_note, my_cells, resolve_shard, write_manifest
-from fixres_deploy.sweep.store import ResultStore
+from fixres_deploy.sweep.store import ResultStore, StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +122,9 @@ class _EvalCache:
         return self.arrays[res]
 
 
-def _evaluate_runner(
-    runner, x: np.ndarray, y: np.ndarray, idx: np.ndarray, skipped: list, batch: int, fixed_batch: bool
-):
-    from fixres_deploy.fixres.evaluate import AccuracyMeter
-
-    meter = AccuracyMeter()
-    meter.skips.extend(skipped)
-    with runner:
-        for s in range(0, len(x), batch):
-            xb = x[s : s + batch]
-            n = len(xb)
-            if fixed_batch and n < batch:
-                xb = np.concatenate([xb, np.zeros((batch - n,) + xb.shape[1:], dtype=xb.dtype)])
-            logits = runner.predict(np.ascontiguousarray(xb))[:n]
-            meter.update(logits, y[s : s + n], idx[s : s + n])
-    return meter.result()
-
-
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> SweepResult:
     """`fixres-deploy sweep`: measure the grid, write OUT/sweep.json, return the result."""
     return _Sweep(cfg, out_dir).run()
-
-
-class _Stage(Exception):
-    """A stage failed (already recorded): skip what depends on it."""
 
 
 class _Sweep:
@@ -247,7 +225,7 @@ class _Sweep:
         if rec["error"]:
             self.failures.append({"stage": stage, "what": what, "error": rec["error"], "key": rec["key"]})
             log.warning("%s failed for %s: %s", stage, what, rec["error"])
-            raise _Stage(f"{stage}: {rec['error']}")
+            raise StageFailed(f"{stage}: {rec['error']}")
         return rec
 
     # -- stages ---------------------------------------------------------------------------
@@ -436,11 +414,13 @@ class _Sweep:
     def accuracy(self, art: dict, res: int, mode: str, what: str) -> dict:
         """Top-1/top-5 of the engine itself on the evaluation images (once per engine graph)."""
         from fixres_deploy.backends.base import load_runner
-        from fixres_deploy.fixres.evaluate import pack_bits
+        from fixres_deploy.fixres.evaluate import evaluate_runner_on_arrays, pack_bits
 
         def do_acc(d: Path) -> dict:
             x, y, idx, skipped = self.eval_cache.get(res)
-            r = _evaluate_runner(load_runner(art), x, y, idx, skipped, self.max_batch, fixed_batch=(mode == "fixed"))
+            r = evaluate_runner_on_arrays(
+                load_runner(art), x, y, idx, skipped, self.max_batch, fixed_batch=(mode == "fixed")
+            )
             return {
                 "top1": r.top1,
                 "top1_ci": list(r.top1_ci),
@@ -473,7 +453,7 @@ class _Sweep:
             if True in self.cfg.finetune:
                 try:
                     ft = self.model_at(res, True)
-                except _Stage:
+                except StageFailed:
                     continue
 
             def do_diag(d: Path, ft=ft, res=res) -> dict:
@@ -503,7 +483,7 @@ class _Sweep:
             }
             try:
                 rows.append(self._run("diagnostic", inputs, do_diag, f"@{res}")["result"])
-            except _Stage:
+            except StageFailed:
                 continue
         return {
             "images": min(self.cfg.diagnostic_images, len(self.eval_index)),
@@ -530,7 +510,7 @@ class _Sweep:
             acc = self.accuracy(
                 engines[self.max_batch] if mode == "fixed" else engines[self.cfg.batch_sizes[0]], res, mode, what
             )
-        except _Stage as exc:
+        except StageFailed as exc:
             self.points.extend(SweepPoint(batch_size=b, error=str(exc), **base) for b in self.cfg.batch_sizes)
             return
         for b in self.cfg.batch_sizes:
@@ -567,11 +547,11 @@ class _Sweep:
                 try:
                     ckpt_path, model_sha = self.model_at(res, ft)
                     onnx_path, onnx_sha, gflops = self.export(res, ckpt_path, model_sha, ft)
-                except _Stage:
+                except StageFailed:
                     bar.update(per_model)
                     continue
                 if trt_int8.enabled(cfg):
-                    with contextlib.suppress(_Stage):  # a failure is recorded in failures
+                    with contextlib.suppress(StageFailed):  # a failure is recorded in failures
                         self.trt_int8_rows.append(trt_int8.predict(self, res, ft, onnx_path, onnx_sha))
                 for precision in cfg.precisions:
                     for backend in cfg.backends:
@@ -586,7 +566,7 @@ class _Sweep:
                         )
                         try:
                             var_path, var_sha, quant = self.variant(res, onnx_path, onnx_sha, precision, backend, ft)
-                        except _Stage as exc:
+                        except StageFailed as exc:
                             self.points.extend(
                                 SweepPoint(batch_size=b, shape_mode=m, error=str(exc), **base)
                                 for m in cfg.shape_modes
@@ -639,27 +619,6 @@ class _Sweep:
             diagnostics=diagnostics,
         )
         return result
-
-
-def _fill_latency(point: SweepPoint, lat: dict) -> None:
-    point.latency_p50_ms = lat["latency_p50_ms"]
-    point.latency_p90_ms = lat["latency_p90_ms"]
-    point.latency_p99_ms = lat["latency_p99_ms"]
-    point.latency_mean_ms = lat["latency_mean_ms"]
-    point.latency_std_ms = lat["latency_std_ms"]
-    point.latency_device_p50_ms = lat.get("latency_device_p50_ms")
-    point.throughput_ips = lat["throughput_ips"]
-    point.contended = bool(lat.get("contended"))
-    point.latency_meta = {
-        "repeat_p50_ms": lat.get("latency_p50_repeats_ms"),
-        "iters": lat.get("iters"),
-        "threads": lat.get("threads"),
-        "load": lat.get("load"),
-        "remeasured": lat.get("remeasured"),
-        "p50_spread_pct": lat.get("p50_spread_pct"),
-    }
-    if point.gflops_per_image and point.throughput_ips:
-        point.achieved_gflops = point.gflops_per_image * point.throughput_ips
 
 
 def _curve_from_points(points: Sequence[SweepPoint], train_res: int) -> list[dict]:

@@ -32,9 +32,8 @@ def predict(sweep, res: int, ft: bool, onnx_path: str, onnx_sha: str) -> dict:
         One row: resolution, finetuned, top1 (+ 95% CI), n, flavor, float_parts, variant sha256.
     """
     from fixres_deploy.backends.onnxruntime_backend import OnnxRuntimeRunner
-    from fixres_deploy.fixres.evaluate import pack_bits
+    from fixres_deploy.fixres.evaluate import evaluate_runner_on_arrays, pack_bits
     from fixres_deploy.precision.qdq_fp16 import ort_graph_optimization_for
-    from fixres_deploy.sweep.sweep import _evaluate_runner
 
     var_path, var_sha, quant = sweep.variant(res, onnx_path, onnx_sha, "int8", "tensorrt", ft)
 
@@ -45,7 +44,7 @@ def predict(sweep, res: int, ft: bool, onnx_path: str, onnx_sha: str) -> dict:
             threads=sweep.cfg.threads,
             graph_optimization=ort_graph_optimization_for(var_path, "all"),
         )
-        r = _evaluate_runner(runner, x, y, idx, skipped, sweep.max_batch, fixed_batch=False)
+        r = evaluate_runner_on_arrays(runner, x, y, idx, skipped, sweep.max_batch, fixed_batch=False)
         return {
             "top1": r.top1,
             "top1_ci": list(r.top1_ci),
