@@ -34,6 +34,7 @@ from fixres_deploy.measure.bench import (
     measure_latency,
     measure_peak_gflops,
     measure_rounds,
+    unresolved_pairs,
 )
 
 BATCH = np.zeros((2, 3, 8, 8), dtype=np.float32)
@@ -244,6 +245,61 @@ def test_a_contended_round_is_run_again_as_a_whole(clock, monkeypatch):
     assert rr.rerun_rounds == 1 and rr.contended_rounds == 1 and rr.rounds == 3
     assert rr.round_load == pytest.approx([0.2, 0.1, 0.9])
     assert all(r.remeasured == 1 for r in rr.results) and sum(r.contended for r in rr.results) == 1
+
+
+class NoisyRunner(SleepRunner):
+    """Sleeps ``sleep_s`` times a seeded random factor per call (sd ``noise``): a jittery engine."""
+
+    def __init__(self, sleep_s: float, name: str, noise: float, seed: int):
+        super().__init__(sleep_s, name)
+        self.base, self.noise, self.rng = sleep_s, noise, np.random.default_rng(seed)
+
+    def infer_impl(self, x):
+        self.sleep_s = self.base * max(0.2, 1.0 + self.noise * self.rng.standard_normal())
+        return super().infer_impl(x)
+
+
+def _noisy_rounds(specs, *, pairs=None, **kw):
+    runners = [NoisyRunner(ms / 1e3, name, noise, seed) for seed, (name, ms, noise) in enumerate(specs)]
+    cfg = _cfg(min_iters=3, max_iters=3, repeats=4, rewarm_iters=0, seed=1, **kw)
+    return measure_rounds([(r, BATCH) for r in runners], cfg, pairs=pairs)
+
+
+def test_rounds_are_added_until_the_pairs_that_matter_are_decided(clock):
+    # a 2x difference is decided by the first rounds: no extra round
+    clear = _noisy_rounds([("A", 1.0, 0.05), ("B", 2.0, 0.05)], max_repeats=40)
+    assert clear.rounds == 4 and clear.stop == {"reason": "resolved", "unresolved": []}
+    # 4% apart under 10% per-call jitter: more rounds, until the interval excludes 1
+    close = _noisy_rounds([("A", 1.0, 0.1), ("B", 1.04, 0.1)], max_repeats=80)
+    assert 10 < close.rounds < 80 and close.stop["reason"] == "resolved"
+    assert unresolved_pairs(close.round_ms["p50"], [(0, 1)], 0.03, seed=1) == []  # as the harness decided
+    # the same pair with the cap at 5 rounds: stops there and says which pair is undecided
+    capped = _noisy_rounds([("A", 1.0, 0.1), ("B", 1.04, 0.1)], max_repeats=5)
+    assert capped.rounds == 5 and capped.stop == {"reason": "max_repeats", "unresolved": [["A", "B"]]}
+    # identical engines without jitter: equal within resolve_rel, decided at once
+    same = _noisy_rounds([("A", 1.0, 0.0), ("B", 1.0, 0.0)], max_repeats=40)
+    assert same.rounds == 4 and same.stop["reason"] == "resolved"
+    # off (max_repeats 0): exactly `repeats` rounds whatever the pairs
+    fixed = _noisy_rounds([("A", 1.0, 0.1), ("B", 1.04, 0.1)])
+    assert fixed.rounds == 4 and fixed.stop["reason"] == "fixed"
+
+
+def test_only_the_pairs_given_decide_the_round_count(clock):
+    specs = [("A", 1.0, 0.1), ("B", 1.03, 0.1), ("C", 3.0, 0.1)]
+    # A vs B is undecided after 4 rounds; when only A vs C matters, no round is added
+    just_ac = _noisy_rounds(specs, max_repeats=6, pairs=lambda med: [(0, 2)])
+    assert just_ac.rounds == 4 and just_ac.stop["reason"] == "resolved"
+    neighbours = _noisy_rounds(specs, max_repeats=6)  # default: neighbours in latency, A-B among them
+    assert neighbours.rounds == 6 and ["A", "B"] in neighbours.stop["unresolved"]
+
+
+def test_adaptive_round_settings_are_checked():
+    with pytest.raises(UserInputError, match="max_repeats"):
+        LatencyConfig(repeats=5, max_repeats=3)
+    with pytest.raises(UserInputError, match="resolve_rel"):
+        LatencyConfig(resolve_rel=-0.1)
+    assert LatencyConfig.quick(repeats=20).max_repeats == 20  # the cap follows the rounds asked for
+    assert LatencyConfig.thorough().max_repeats > LatencyConfig.thorough().repeats
 
 
 def test_gpu_timing_hook_protocol():

@@ -184,3 +184,41 @@ def test_pooled_feature_zeros_equal_a_direct_torch_computation():
     assert row["finetuned"]["zero_fraction"] > row["base"]["zero_fraction"] and not row["is_train_res"]
     with pytest.raises(UserInputError, match="nope"):
         pooled_features(model, x, "nope")
+
+
+# --------------------------------------------------------------------------- adaptive rounds in the sweep
+
+
+def test_sweep_asks_for_the_front_neighbours_and_the_naive_pairs():
+    """The pairs the sweep's round count waits for follow the Pareto front of the current medians."""
+    from types import SimpleNamespace
+
+    from fixres_deploy.sweep.latency_groups import LatencyGroups, _Pending
+    from fixres_deploy.sweep.points import SweepPoint
+
+    def pt(res, prec, ft, top1):
+        return SweepPoint(
+            resolution=res, precision=prec, backend="onnxruntime", batch_size=1, shape_mode="fixed", finetuned=ft, top1=top1
+        )
+
+    # engines: 0 fp32@64, 1 int8@64, 2 fp32@96, 3 int8@96; FixRes and base weights of one graph share an engine
+    points = [
+        (pt(64, "fp32", False, 0.70), "e0"),  # the naive deployment
+        (pt(64, "fp32", True, 0.71), "e0"),
+        (pt(64, "int8", True, 0.69), "e1"),
+        (pt(96, "fp32", True, 0.75), "e2"),
+        (pt(96, "int8", True, 0.74), "e3"),
+        (pt(96, "int8", False, 0.60), "e3"),
+    ]
+    keys = ["e0", "e1", "e2", "e3"]
+    groups = LatencyGroups(SimpleNamespace(cfg=SimpleNamespace(train_res=64)))
+    members = [_Pending(p, {}, {}, k) for p, k in points]
+    pairs = groups._pairs_that_matter(members, keys, 1)
+    # int8 twice as fast as fp32, 96 px 2x the cost of 64: the front is int8@64 < fp32@64 < int8@96 < fp32@96
+    front_pairs = {(1, 0), (0, 3), (3, 2)}
+    naive_pairs = {(0, 1), (0, 2), (0, 3)}
+    got = {tuple(sorted(p)) for p in pairs(p50_ms=[1.0, 0.5, 2.0, 1.0 + 0.4])}
+    assert got == {tuple(sorted(p)) for p in front_pairs | naive_pairs}
+    # when int8 is no faster than fp32, the int8 engines drop off the front and out of the pairs
+    got = {tuple(sorted(p)) for p in pairs([1.0, 1.2, 2.0, 2.5])}
+    assert got == {(0, 2)}

@@ -218,6 +218,7 @@ def test_report_and_bundle_from_sweep(tmp_path, small_ckpt, demo_small):
     if vs["naive"] != vs["selected"]:
         assert vs["speedup"]["rounds"] == FAST_LATENCY["repeats"] and vs["speedup"]["ci"][0] <= vs["speedup"]["ci"][1]
     assert data["rerun_rounds"] == 0 and data["latency_groups"][0]["rounds"] == FAST_LATENCY["repeats"]
+    assert data["latency_groups"][0]["stop"]["reason"] == "fixed"  # max_repeats 0: no rounds added
     diag = data["diagnostics"]
     assert [r["resolution"] for r in diag["resolutions"]] == [64, 96] and diag["images"] == 20
     for row in diag["resolutions"]:

@@ -68,6 +68,16 @@ def ratios_markdown(points, rep: dict) -> list[str]:
             f"- {len(groups)} latency group(s) ({sizes}); rounds per group: {rounds}; rounds run again "
             f"because other processes used the cores: {rep.get('rerun_rounds', 0)}; still contended: {stuck}."
         )
+        for g in groups:
+            stop = g.get("stop") or {}
+            if stop.get("reason") == "resolved":
+                lines.append(f"- batch {g['batch']}: rounds added until every pair that matters was decided.")
+            elif stop.get("reason") == "max_repeats":
+                open_pairs = "; ".join(" vs ".join(p) for p in stop.get("unresolved", [])[:5])
+                lines.append(
+                    f"- batch {g['batch']}: stopped at the round cap with {len(stop.get('unresolved', []))} "
+                    f"pair(s) still undecided ({open_pairs}): treat those as tied."
+                )
     lines.append(
         "Two points are tied in latency when the interval of their ratio contains 1; FixRes and base "
         "weights of one graph share one measurement (ratio exactly 1)."

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +75,14 @@ class LatencyConfig:
             caches hold another engine's weights).
         load_sample_interval_s: period of the background load sampler (0: start/end only).
         seed: seed of the per-round engine order (a measurement is reproducible in its plan).
+        max_repeats: rounds at most, when engines are interleaved (0: exactly ``repeats``).
+            Above ``repeats``, rounds are added one at a time until every pair of engines that
+            matters (by default: neighbours in latency; the sweep passes the pairs its choice
+            depends on) is resolved, or this many rounds ran. Each added round costs
+            ``budget_s / repeats`` per engine.
+        resolve_rel: a pair is resolved when the 95% interval of its paired latency ratio
+            excludes 1 (one is faster), or lies within ``1 ± resolve_rel`` (their difference is
+            too small to matter).
     """
 
     warmup_iters: int = 10
@@ -90,6 +99,8 @@ class LatencyConfig:
     rewarm_iters: int = 3
     load_sample_interval_s: float = 0.1
     seed: int = 0
+    max_repeats: int = 0
+    resolve_rel: float = 0.03
 
     def __post_init__(self) -> None:
         for name in (
@@ -100,6 +111,7 @@ class LatencyConfig:
             "remeasure_if_contended",
             "rewarm_iters",
             "seed",
+            "max_repeats",
         ):
             v = getattr(self, name)
             if int(v) != v or v < 0:
@@ -109,7 +121,18 @@ class LatencyConfig:
                 f"LatencyConfig needs repeats >= 1 and 1 <= min_iters <= max_iters, got repeats={self.repeats}, "
                 f"min_iters={self.min_iters}, max_iters={self.max_iters}"
             )
-        for name in ("warmup_s", "budget_s", "remeasure_wait_s", "load_sample_interval_s", "contention_threshold"):
+        if self.max_repeats and self.max_repeats < self.repeats:
+            raise UserInputError(
+                f"LatencyConfig.max_repeats must be 0 (off) or >= repeats ({self.repeats}), got {self.max_repeats}"
+            )
+        for name in (
+            "warmup_s",
+            "budget_s",
+            "remeasure_wait_s",
+            "load_sample_interval_s",
+            "contention_threshold",
+            "resolve_rel",
+        ):
             if getattr(self, name) < 0:
                 raise UserInputError(f"LatencyConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         pcts = tuple(sorted({float(p) for p in self.percentiles} | {50.0, 90.0, 99.0}))
@@ -119,39 +142,45 @@ class LatencyConfig:
 
     @classmethod
     def quick(cls, **kw) -> LatencyConfig:
-        """A short measurement (~0.8 s per engine in 8 rounds): enough rounds for a paired ratio interval."""
+        """A short measurement (~0.8 s per engine in 8 rounds, up to 14 while pairs are unresolved)."""
         return cls(
-            **{
-                "warmup_iters": 3,
-                "warmup_s": 0.1,
-                "min_iters": 5,
-                "budget_s": 0.8,
-                "repeats": 8,
-                "remeasure_if_contended": 3,
-                "remeasure_wait_s": 0.2,
-            }
-            | kw
+            **_with_max_repeats(
+                {
+                    "warmup_iters": 3,
+                    "warmup_s": 0.1,
+                    "min_iters": 5,
+                    "budget_s": 0.8,
+                    "repeats": 8,
+                    "remeasure_if_contended": 3,
+                    "remeasure_wait_s": 0.2,
+                },
+                14,
+                kw,
+            )
         )
 
     @classmethod
     def standard(cls, **kw) -> LatencyConfig:
-        """The default: 1 s warm-up, 3 s timed in 3 repeats."""
-        return cls(**kw)
+        """The default: 1 s warm-up, 3 s timed in 3 repeats (up to 9 rounds while pairs are unresolved)."""
+        return cls(**_with_max_repeats({}, 9, kw))
 
     @classmethod
     def thorough(cls, **kw) -> LatencyConfig:
-        """For numbers you will publish: 2 s warm-up, 10 s timed in 5 repeats."""
+        """For numbers you will publish: 2 s warm-up, 10 s timed in 8 rounds (up to 20 while pairs are unresolved)."""
         return cls(
-            **{
-                "warmup_iters": 20,
-                "warmup_s": 2.0,
-                "min_iters": 20,
-                "budget_s": 10.0,
-                "repeats": 5,
-                "remeasure_if_contended": 5,
-                "remeasure_wait_s": 2.0,
-            }
-            | kw
+            **_with_max_repeats(
+                {
+                    "warmup_iters": 20,
+                    "warmup_s": 2.0,
+                    "min_iters": 20,
+                    "budget_s": 10.0,
+                    "repeats": 8,
+                    "remeasure_if_contended": 5,
+                    "remeasure_wait_s": 2.0,
+                },
+                20,
+                kw,
+            )
         )
 
     def to_dict(self) -> dict:
@@ -166,6 +195,13 @@ class LatencyConfig:
         if "percentiles" in d:
             d["percentiles"] = tuple(d["percentiles"])
         return cls(**d)
+
+
+def _with_max_repeats(preset: dict, max_repeats: int, kw: dict) -> dict:
+    """A preset's settings overridden by ``kw``; its round cap never below the rounds asked for."""
+    d = preset | kw
+    d.setdefault("max_repeats", max(max_repeats, int(d.get("repeats", 3))))
+    return d
 
 
 # --------------------------------------------------------------------------- result
@@ -498,7 +534,7 @@ def measure_interleaved(
 
 
 ROUNDS_FORMAT = "fixres-deploy/latency-rounds"
-ROUNDS_SCHEMA_VERSION = 1
+ROUNDS_SCHEMA_VERSION = 2  # 2: adaptive round count (``stop``)
 ROUND_STATS = ("p50", "p90", "p99", "mean")
 
 
@@ -516,6 +552,8 @@ class RoundsResult:
         rerun_rounds: rounds run again because other processes used the cores during them.
         contended_rounds: kept rounds still above the threshold (the re-run budget ran out).
         results: one :class:`LatencyResult` per engine (percentiles are medians over rounds).
+        stop: why the rounds ended: ``{"reason": "fixed" | "resolved" | "max_repeats",
+            "unresolved": [[name, name], ...]}`` (pairs still unresolved at the end).
         config: the LatencyConfig used (its ``seed`` fixed the orders).
     """
 
@@ -526,6 +564,7 @@ class RoundsResult:
     rerun_rounds: int
     contended_rounds: int
     results: list[LatencyResult]
+    stop: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
     @property
@@ -569,11 +608,51 @@ def _round_stats(rep: _Repeat) -> dict[str, float]:
     return out
 
 
+PairsFn = Callable[[list[float]], Iterable[tuple[int, int]]]
+
+
+def latency_neighbours(p50_ms: list[float]) -> list[tuple[int, int]]:
+    """The default pairs that matter: engines adjacent when sorted by their median p50."""
+    order = sorted(range(len(p50_ms)), key=lambda i: p50_ms[i])
+    return list(itertools.pairwise(order))
+
+
+def unresolved_pairs(
+    round_p50_ms: Sequence[Sequence[float]], pairs: Iterable[tuple[int, int]], resolve_rel: float, *, seed: int = 0
+) -> list[tuple[int, int]]:
+    """The pairs whose paired latency ratio is not yet decided.
+
+    A pair is decided when the bootstrap 95% interval of its per-round ratio excludes 1 (one
+    engine is faster) or lies inside ``[1 / (1 + resolve_rel), 1 + resolve_rel]`` (the two are
+    equal for every purpose that matters).
+
+    Args:
+        round_p50_ms: per round, one p50 per engine (``round_ms["p50"]``).
+        pairs: engine index pairs to check.
+    """
+    from fixres_deploy.core.stats import paired_ratio_interval
+
+    if len(round_p50_ms) < 2:
+        return [tuple(p) for p in pairs]
+    cols = np.asarray(round_p50_ms, dtype=float)
+    lo_ok, hi_ok = 1.0 / (1.0 + resolve_rel), 1.0 + resolve_rel
+    out = []
+    for i, j in pairs:
+        if i == j:
+            continue
+        r = paired_ratio_interval(cols[:, i], cols[:, j], n_boot=1000, seed=seed)
+        lo, hi = r["ci"]
+        if r["contains_1"] and not (lo >= lo_ok and hi <= hi_ok):
+            out.append((int(i), int(j)))
+    return out
+
+
 def measure_rounds(
     cases: Sequence[tuple[Any, np.ndarray]],
     cfg: LatencyConfig | None = None,
     *,
     names: Sequence[str | None] | None = None,
+    pairs: PairsFn | None = None,
 ) -> RoundsResult:
     """Time several (runner, batch) cases in rounds: each once per round, order shuffled per round.
 
@@ -587,6 +666,13 @@ def measure_rounds(
     more than ``contention_threshold`` cores is run again as a whole (all engines: a paired ratio
     needs both values from the same conditions), at most ``remeasure_if_contended`` times per
     measurement; the least contended attempt is kept and the count is reported.
+
+    With ``cfg.max_repeats`` above ``cfg.repeats``, rounds are added one at a time after the
+    first ``repeats`` until every pair that matters is decided (:func:`unresolved_pairs`) or
+    ``max_repeats`` rounds ran: as many rounds as the differences need, no more. ``pairs``
+    maps the engines' current median p50s to the index pairs that matter (default
+    :func:`latency_neighbours`; the sweep passes the Pareto front's neighbours and the naive
+    point against the front).
     """
     cfg = cfg or LatencyConfig()
     if not cases:
@@ -622,7 +708,17 @@ def measure_rounds(
             c.prepare()
         for c in items:
             c.warmup()
-        for rnd in range(cfg.repeats):
+        rnd = 0
+        while True:
+            if rnd >= cfg.repeats:
+                if cfg.max_repeats <= cfg.repeats or len(items) < 2:
+                    stop = {"reason": "fixed", "unresolved": []}
+                    break
+                todo = _open_pairs(items, pairs, cfg)
+                if not todo or rnd >= cfg.max_repeats:
+                    named = [[str(items[i].name), str(items[j].name)] for i, j in todo]
+                    stop = {"reason": "max_repeats" if todo else "resolved", "unresolved": named}
+                    break
             order = [int(i) for i in rng.permutation(len(items))] if len(items) > 1 else [0]
             reps = one_round(order, rnd == 0)
             while busy(reps) and retries > 0:
@@ -637,6 +733,9 @@ def measure_rounds(
                 c.kept.append(r)
             orders.append(order)
             loads.append(other(reps))
+            rnd += 1
+    if stop["reason"] != "fixed":
+        log.info("latency rounds: %d (%s)", rnd, stop["reason"])
     for c in items:
         c.remeasured = rerun
     per_engine = [[_round_stats(r) for r in c.kept] for c in items]
@@ -649,8 +748,17 @@ def measure_rounds(
         rerun_rounds=rerun,
         contended_rounds=contended,
         results=[c.result() for c in items],
+        stop=stop,
         config=cfg.to_dict(),
     )
+
+
+def _open_pairs(items: list[_Case], pairs: PairsFn | None, cfg: LatencyConfig) -> list[tuple[int, int]]:
+    rows = [[float(np.percentile(r.samples_ns, 50)) / 1e6 for r in c.kept] for c in items]
+    medians = [float(np.median(r)) for r in rows]
+    wanted = (pairs or latency_neighbours)(medians)
+    per_round = [list(col) for col in zip(*rows)]
+    return unresolved_pairs(per_round, wanted, cfg.resolve_rel, seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------- machine peak

@@ -19,6 +19,7 @@ their values from their own group, so that their ratios stay paired.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,11 @@ class LatencyGroups:
                 x = np.random.default_rng(0).standard_normal((batch, 3, res, res)).astype(np.float32)
                 cases.append((load_runner(m.art), x))
                 names.append(m.point.label)
-            return {"rounds": measure_rounds(cases, sw.lat_cfg, names=names).to_dict(), "members": keys}
+            pairs = self._pairs_that_matter(members, keys, batch)
+            return {
+                "rounds": measure_rounds(cases, sw.lat_cfg, names=names, pairs=pairs).to_dict(),
+                "members": keys,
+            }
 
         inputs = {"members": keys, "latency": sw.lat_cfg.to_dict(), "machine": sw.machine, "batch": batch}
         try:
@@ -134,7 +139,37 @@ class LatencyGroups:
             "members": len(keys),
             "points": len(members),
             "rounds": rounds.rounds,
+            "stop": rounds.stop,
             "rerun_rounds": rounds.rerun_rounds,
             "contended_rounds": rounds.contended_rounds,
             "seed": rounds.config.get("seed"),
         }
+
+    def _pairs_that_matter(self, members: list[_Pending], keys: list[str], batch: int):
+        """The engine pairs the choice depends on, for the adaptive round count.
+
+        Given the engines' current median p50s: neighbours on the Pareto front of the points
+        (each point's accuracy is known before timing), and the naive deployment against every
+        front point (the headline ratios). Rounds are added until these are decided.
+        """
+        from dataclasses import replace
+
+        from fixres_deploy.choose.select import naive_point, pareto_front
+        from fixres_deploy.sweep.config import SelectionConfig
+
+        engine = [keys.index(m.key) for m in members]
+        cfg = SelectionConfig(batch_size=batch)
+        train_res = self.sweep.cfg.train_res
+        backends = sorted({str(m.point.backend) for m in members})
+
+        def pairs(p50_ms: list[float]) -> list[tuple[int, int]]:
+            pts = [replace(m.point, latency_p50_ms=p50_ms[e]) for m, e in zip(members, engine)]
+            front = pareto_front(pts, cfg)
+            out = {(engine[a], engine[b]) for a, b in itertools.pairwise(front)}
+            for backend in backends:
+                n = naive_point(pts, train_res, backend=backend, batch_size=batch)
+                if n is not None:
+                    out |= {(engine[n], engine[f]) for f in front}
+            return sorted((i, j) for i, j in out if i != j)
+
+        return pairs
