@@ -285,3 +285,69 @@ def test_latency_record_shared_by_two_checkpoints_of_one_architecture(tmp_path, 
     assert [p.key for p in second.points] == [p.key for p in first.points]
     assert [p.latency_p50_ms for p in second.points] == [p.latency_p50_ms for p in first.points]
     assert [p.correct1_bits for p in second.points] != [p.correct1_bits for p in first.points]
+
+
+def test_sweep_int8_float_layers_chosen_by_the_sensitivity_analysis(tmp_path, small_ckpt, demo_small, monkeypatch):
+    """'sensitivity': per graph, the analysis picks the float layers; the int8 variant keeps exactly those."""
+    import onnx
+
+    import fixres_deploy.precision.variants as variants_mod
+
+    seen = {}
+    real = variants_mod.layer_sensitivity
+
+    def spy(src, calib, xe, ye, **kw):
+        seen.update(n_calib=len(calib), n_score=len(xe), budget=kw["budget_pts"])
+        return real(src, calib, xe, ye, **kw)
+
+    monkeypatch.setattr(variants_mod, "layer_sensitivity", spy)
+    import fixres_deploy.sweep.sweep as sweep_mod
+
+    indexes = []
+    real_cache = sweep_mod._EvalCache
+
+    class Spy(real_cache):
+        def __init__(self, index, base_cfg):
+            indexes.append({s.path for s in index.samples})
+            super().__init__(index, base_cfg)
+
+    monkeypatch.setattr(sweep_mod, "_EvalCache", Spy)
+    out = tmp_path / "sw"
+    cfg = _cfg(
+        small_ckpt,
+        demo_small,
+        out,
+        finetune=[False],
+        resolutions=[64],
+        int8_float_layers="sensitivity",
+        int8_sensitivity_budget_pts=0.0,
+        int8_sensitivity_images=20,
+    )
+    res = run_sweep(cfg, out)
+    (int8,) = [p for p in res.points if p.precision == "int8"]
+    assert int8.ok, int8.error
+    sens = int8.quant["sensitivity"]
+    assert sens["budget_pts"] == 0.0 and sens["n_eval"] == seen["n_score"] == 20 and seen["n_calib"] == 20
+    # the record holds the whole analysis; the variant's float layers are its choice
+    # one analysis per graph and int8 flavor (the ORT engine's u8, the TensorRT prediction's s8)
+    recs = list(ResultStore(out / "store").records("sensitivity"))
+    (rec,) = [r for r in recs if r["result"]["flavor"] == int8.quant["flavor"]]
+    chosen = rec["result"]["chosen_float_layers"]
+    assert int8.quant["float_layers"] == chosen
+    assert sens["final_drop_pts"] == rec["result"]["final_drop_pts"]
+    assert len(rec["result"]["per_layer"]) >= 2  # every Conv/Gemm scored alone
+    # those layers are not quantized in the engine's graph: no DequantizeLinear feeds them
+    path = int8.engine["path"]
+    path = path if os.path.isabs(path) else str(out / "store" / path)
+    g = onnx.load(path).graph
+    produced_by_dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in g.node if n.op_type in ("Conv", "Gemm") and set(n.input) & produced_by_dq}
+    assert quantized and not quantized & set(chosen)
+    # scored on training images outside the calibration set, never on the evaluated split
+    train_dir, val_dir = f"{demo_small}/train", f"{demo_small}/val"
+    calib_paths, score_paths = indexes[-2], indexes[-1]  # the last analysis: its calibration, then its scoring set
+    assert len(calib_paths) == 20 and len(score_paths) == 20 and not calib_paths & score_paths
+    assert all(p.startswith(train_dir) and not p.startswith(val_dir) for p in calib_paths | score_paths)
+    again = run_sweep(cfg, out)
+    assert [p.quant for p in again.points] == [p.quant for p in res.points]
+    assert sum(1 for _ in ResultStore(out / "store").records("sensitivity")) == len(recs)  # reused, not re-run

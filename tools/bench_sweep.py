@@ -40,8 +40,12 @@ def main() -> int:
     p.add_argument("--budgets-ms", default=None, help="two latency budgets (default: chosen from the measurements)")
     p.add_argument("--target-batch", type=int, default=1)
     p.add_argument(
-        "--int8-float-layers", default="default", choices=("default", "none"), help="'none': every layer int8"
+        "--int8-float-layers",
+        default="default",
+        choices=("default", "none", "sensitivity"),
+        help="'none': every layer int8; 'sensitivity': per graph, the fewest float layers within the budget",
     )
+    p.add_argument("--int8-sensitivity-budget-pts", type=float, default=1.0)
     p.add_argument("--model", default=None, help="model spec when the checkpoint does not record one")
     args = p.parse_args()
 
@@ -67,6 +71,7 @@ def main() -> int:
         threads=args.threads,
         exporter="dynamo",
         int8_float_layers=args.int8_float_layers,
+        int8_sensitivity_budget_pts=args.int8_sensitivity_budget_pts,
         model=args.model,
     )
     select = SelectionConfig(batch_size=args.target_batch)

@@ -235,7 +235,17 @@ class SweepConfig(_Checked):
     calibration_size: int = option(256, "int8 calibration images (class-balanced)", minimum=1)
     calibration_method: str = option("minmax", "int8 calibration", choices=("minmax", "percentile", "entropy"))
     int8_float_layers: str = option(
-        "default", "'default': first conv and classifier stay float; 'none'", choices=("default", "none")
+        "default",
+        "'default': first conv and classifier stay float; 'none': every layer int8; 'sensitivity': "
+        "the fewest float layers that keep the int8 drop within int8_sensitivity_budget_pts, found per "
+        "graph by the per-layer sensitivity analysis on training images",
+        choices=("default", "none", "sensitivity"),
+    )
+    int8_sensitivity_budget_pts: float = option(
+        1.0, "top-1 points int8 may cost in the sensitivity analysis (int8_float_layers = 'sensitivity')", minimum=0
+    )
+    int8_sensitivity_images: int = option(
+        300, "training images (not calibration ones) the sensitivity analysis scores on", minimum=10
     )
     exporter: str = option("dynamo", "ONNX exporter", choices=("dynamo", "torchscript", "auto"))
     eval_limit: int | None = option(

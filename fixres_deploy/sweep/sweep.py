@@ -330,7 +330,6 @@ class _Sweep:
         The recipe and the file come from :mod:`fixres_deploy.engines.engine`, exactly as in
         ``fixres-deploy build``; only the caching (result store) is the sweep's.
         """
-        from fixres_deploy.data.folders import class_balanced_subset
         from fixres_deploy.engines.engine import legacy_fp16_quant, make_variant, variant_recipe
 
         cfg = self.cfg
@@ -341,11 +340,15 @@ class _Sweep:
         if recipe.route == "legacy_fp16":
             return onnx_path, onnx_sha, legacy_fp16_quant()
 
+        float_layers, sensitivity = cfg.int8_float_layers, None
+        if int8 and float_layers == "sensitivity":
+            sensitivity = self.sensitivity(res, onnx_path, onnx_sha, recipe.flavor, ft)
+            float_layers = sensitivity["chosen_float_layers"]
+
         def do_variant(d: Path) -> dict:
             calibration = None
             if int8:
-                per_class = max(1, cfg.calibration_size // len(self.train_index.classes))
-                calibration = class_balanced_subset(self.train_index, per_class)
+                calibration = self.calibration_subset()
             info = make_variant(
                 onnx_path,
                 recipe,
@@ -353,7 +356,7 @@ class _Sweep:
                 calibration_data=calibration,
                 preprocess=self.base_cfg,
                 calibration_method=cfg.calibration_method,
-                float_layers=cfg.int8_float_layers,
+                float_layers=float_layers,
             )
             return {"variant": info, "path": info["variant_path"], "files": [info["variant_path"]]}
 
@@ -361,7 +364,7 @@ class _Sweep:
             "onnx": onnx_sha,
             "recipe": recipe.to_dict(),
             "method": cfg.calibration_method if int8 else None,
-            "float_layers": cfg.int8_float_layers if int8 else None,
+            "float_layers": float_layers if int8 else None,
             "qdq_float_parts": "fp16" if recipe.flavor == "tensorrt" else None,  # precision/qdq_fp16.py
             "calibration": {
                 "train": self.train_hash,
@@ -375,7 +378,64 @@ class _Sweep:
         rec = self._run("variant", inputs, do_variant, f"{precision} @{res} ft={ft}")
         path = rec["result"]["path"]
         quant = {k: rec["result"]["variant"].get(k) for k in ("flavor", "float_layers", "calibration")} if int8 else {}
+        if sensitivity is not None:
+            quant["sensitivity"] = {
+                k: sensitivity[k]
+                for k in ("budget_pts", "fp32_top1", "n_eval", "all_quantized_drop_pts", "final_drop_pts", "met_budget")
+            }
         return path, sha256_file(path), quant
+
+    def calibration_subset(self):
+        """The int8 calibration images: class-balanced from the training split."""
+        from fixres_deploy.data.folders import class_balanced_subset
+
+        per_class = max(1, self.cfg.calibration_size // len(self.train_index.classes))
+        return class_balanced_subset(self.train_index, per_class)
+
+    def sensitivity(self, res: int, onnx_path: str, onnx_sha: str, flavor: str, ft: bool) -> dict:
+        """Which layers of this graph must stay float for int8 to cost at most the budget?
+
+        :func:`fixres_deploy.precision.variants.layer_sensitivity` on this graph (each layer
+        quantized alone, then greedily back to float, most sensitive first), calibrated on the
+        calibration images and scored on other training images — never on the held-out split
+        the sweep reports, so choosing the layers does not peek at the figures it is judged by.
+        Stored like every stage; the sweep's int8 variant then keeps the chosen layers float.
+        """
+        from fixres_deploy.data.folders import class_balanced_subset
+        from fixres_deploy.precision.variants import layer_sensitivity
+
+        cfg = self.cfg
+        calib = self.calibration_subset()
+        used = {s.path for s in calib.samples}
+        pool = self.train_index.subset([s for s in self.train_index.samples if s.path not in used])
+        score = class_balanced_subset(pool, max(1, cfg.int8_sensitivity_images // len(pool.classes)), seed=1)
+
+        def do_sensitivity(d: Path) -> dict:
+            xc = _EvalCache(calib, self.base_cfg).get(res)[0]
+            xe, ye = _EvalCache(score, self.base_cfg).get(res)[:2]
+            rep = layer_sensitivity(
+                onnx_path,
+                xc,
+                xe,
+                ye,
+                flavor=flavor,
+                method=cfg.calibration_method,
+                budget_pts=cfg.int8_sensitivity_budget_pts,
+            )
+            return rep.to_dict()
+
+        inputs = {
+            "onnx": onnx_sha,
+            "flavor": flavor,
+            "method": cfg.calibration_method,
+            "budget_pts": cfg.int8_sensitivity_budget_pts,
+            "calibration": {"train": self.train_hash, "n": cfg.calibration_size},
+            "score": {"train": self.train_hash, "n": cfg.int8_sensitivity_images, "seed": 1},
+            "preprocess": self.base_cfg.at_resolution(res).to_dict(),
+            "versions": self.versions,
+        }
+        rec = self._run("sensitivity", inputs, do_sensitivity, f"int8 layer sensitivity @{res} ft={ft}")
+        return rec["result"]
 
     def shapes_for(self, res: int, mode: str) -> dict[int, object]:
         """ShapeSpec per batch size: fixed engines per batch; one dynamic engine for all."""
