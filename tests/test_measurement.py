@@ -198,7 +198,13 @@ def test_sweep_asks_for_the_front_neighbours_and_the_naive_pairs():
 
     def pt(res, prec, ft, top1):
         return SweepPoint(
-            resolution=res, precision=prec, backend="onnxruntime", batch_size=1, shape_mode="fixed", finetuned=ft, top1=top1
+            resolution=res,
+            precision=prec,
+            backend="onnxruntime",
+            batch_size=1,
+            shape_mode="fixed",
+            finetuned=ft,
+            top1=top1,
         )
 
     # engines: 0 fp32@64, 1 int8@64, 2 fp32@96, 3 int8@96; FixRes and base weights of one graph share an engine
