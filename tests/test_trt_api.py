@@ -461,6 +461,19 @@ def test_polygraphy_create_config_with_the_real_enums(reports, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_multires_engine_gets_one_profile_spanning_every_resolution(reports, version):
+    """export-multires --backend tensorrt: the builder config Polygraphy makes has ONE profile, R1..Rn x batch 1..16."""
+    entry = reports[version]["behaviour"]["config_calls"]["multires"]
+    assert entry["ok"] is True, entry
+    value = entry["value"]
+    assert value["applied"]["num_profiles"] == 1 and len(value["profiles"]) == 1
+    profile = value["profiles"][0].replace(" ", "")
+    for shape in ("min=(1,3,64,64)", "opt=(8,3,96,96)", "max=(16,3,128,128)"):
+        assert shape in profile, profile
+    assert ("clear_flag", ("BuilderFlag.TF32",)) in _calls(entry)  # fp32 is fp32 here too
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_backend_fails_cleanly_without_a_gpu(reports, version):
     """Real bindings, stub libraries (and here no GPU): clear errors, never a crash or a nullptr TypeError."""
     b = reports[version]["behaviour"]

@@ -433,6 +433,17 @@ def measure_accuracy(
     return out
 
 
+def multires_shapes(resolutions: Sequence[int], max_batch: int):
+    """The head-bank engine's shapes: ONE profile spanning R1..Rn, batch 1..max_batch (opt: batch 8 at the middle R).
+
+    One profile, because the server switches resolution per batch: a profile switch costs an
+    extra enqueue (and a CUDA-graph recapture); TensorRT tunes its tactics for ``opt``.
+    """
+    from fixres_deploy.backends.base import ShapeSpec
+
+    return ShapeSpec.resolution_bands(resolutions, max_batch=int(max_batch), opt_batch=min(8, int(max_batch)), bands=1)
+
+
 def build_multires_bundle(
     checkpoints: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -480,7 +491,7 @@ def build_multires_bundle(
     Returns:
         ``{"bundle", "onnx", "export", "engine", "multires", "triton"}``.
     """
-    from fixres_deploy.backends.base import BuildOptions, ShapeSpec, load_runner
+    from fixres_deploy.backends.base import BuildOptions, load_runner
     from fixres_deploy.core import env
     from fixres_deploy.core.preprocess import PreprocessConfig
     from fixres_deploy.core.utils import sha256_file, stable_hash
@@ -507,7 +518,7 @@ def build_multires_bundle(
     result, fset = export_multires(checkpoints, onnx_path, validation_data=validation_data, exporter=exporter)
     cfg = PreprocessConfig.from_dict(result.preprocess)
     res = fset.resolutions
-    shapes = ShapeSpec.resolution_bands(res, max_batch=int(max_batch), opt_batch=min(8, int(max_batch)), bands=1)
+    shapes = multires_shapes(res, max_batch)
     options = options or BuildOptions()
     if precision == "int8":
         from fixres_deploy.precision.calibration import calibration_batches

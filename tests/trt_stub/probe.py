@@ -241,10 +241,16 @@ def check_behaviour(trt, request: dict) -> dict:
         "same_cc": (BuildOptions(hardware_compatibility="same_compute_capability"), "fp32"),
         "legacy_fp16": (BuildOptions(legacy_fp16_flag=True), "fp16"),
     }
+    # the head-bank engine of export-multires: one profile spanning every resolution
+    from fixres_deploy.export.multires import multires_shapes
+
+    shapes_of = {"multires": multires_shapes([64, 80, 96, 128], 16)}
+    configs["multires"] = (BuildOptions(), "fp32")
     out["config_calls"] = {}
     for label, (opts, precision) in configs.items():
-        def run(opts=opts, precision=precision):
-            net, cfg, applied = tb.make_loaders(trt, pg, request["onnx"], dyn, opts, precision=precision, carried=carried)
+        def run(opts=opts, precision=precision, shapes=shapes_of.get(label, dyn)):
+            net, cfg, applied = tb.make_loaders(trt, pg, request["onnx"], shapes, opts, precision=precision,
+                                                carried=carried)
             log = []
             cfg(_Recorder(log), None)  # network None: Polygraphy skips the profile step
             return {"applied": applied, "calls": log, "profiles": [str(p) for p in cfg.profiles or []],
