@@ -268,14 +268,16 @@ def _noisy_rounds(specs, *, pairs=None, **kw):
 def test_rounds_are_added_until_the_pairs_that_matter_are_decided(clock):
     # a 2x difference is decided by the first rounds: no extra round
     clear = _noisy_rounds([("A", 1.0, 0.05), ("B", 2.0, 0.05)], max_repeats=40)
-    assert clear.rounds == 4 and clear.stop == {"reason": "resolved", "unresolved": []}
+    assert clear.rounds == 4 and clear.stop == {"reason": "resolved", "unresolved": [], "rounds_added": 0}
     # 4% apart under 10% per-call jitter: more rounds, until the interval excludes 1
     close = _noisy_rounds([("A", 1.0, 0.1), ("B", 1.04, 0.1)], max_repeats=80)
     assert 10 < close.rounds < 80 and close.stop["reason"] == "resolved"
+    assert close.stop["rounds_added"] == close.rounds - 4
     assert unresolved_pairs(close.round_ms["p50"], [(0, 1)], 0.03, seed=1) == []  # as the harness decided
     # the same pair with the cap at 5 rounds: stops there and says which pair is undecided
     capped = _noisy_rounds([("A", 1.0, 0.1), ("B", 1.04, 0.1)], max_repeats=5)
-    assert capped.rounds == 5 and capped.stop == {"reason": "max_repeats", "unresolved": [["A", "B"]]}
+    assert capped.rounds == 5
+    assert capped.stop == {"reason": "max_repeats", "unresolved": [["A", "B"]], "rounds_added": 1}
     # identical engines without jitter: equal within resolve_rel, decided at once
     same = _noisy_rounds([("A", 1.0, 0.0), ("B", 1.0, 0.0)], max_repeats=40)
     assert same.rounds == 4 and same.stop["reason"] == "resolved"

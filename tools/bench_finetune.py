@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--scale", default="0.25,1.0", help="RandomResizedCrop area range (torchvision's default: 0.08,1.0)")
     p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--resolutions", default="64,80,96,112,128,160")
     p.add_argument("--ft-epochs", type=int, default=2)
@@ -71,7 +72,12 @@ def main() -> int:
             train_index,
             ckpt,
             TrainOptions(
-                train_res=args.train_res, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, channels_last=True
+                train_res=args.train_res,
+                epochs=args.epochs,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                channels_last=True,
+                scale=tuple(float(v) for v in args.scale.split(",")),
             ),
         )
         results["train"] = {

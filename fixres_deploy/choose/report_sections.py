@@ -71,7 +71,10 @@ def ratios_markdown(points, rep: dict) -> list[str]:
         for g in groups:
             stop = g.get("stop") or {}
             if stop.get("reason") == "resolved":
-                lines.append(f"- batch {g['batch']}: rounds added until every pair that matters was decided.")
+                lines.append(
+                    f"- batch {g['batch']}: every pair the choice depends on was decided after {g.get('rounds')} "
+                    f"rounds ({stop.get('rounds_added', 0)} added for it)."
+                )
             elif stop.get("reason") == "max_repeats":
                 open_pairs = "; ".join(" vs ".join(p) for p in stop.get("unresolved", [])[:5])
                 lines.append(

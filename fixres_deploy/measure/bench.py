@@ -553,7 +553,8 @@ class RoundsResult:
         contended_rounds: kept rounds still above the threshold (the re-run budget ran out).
         results: one :class:`LatencyResult` per engine (percentiles are medians over rounds).
         stop: why the rounds ended: ``{"reason": "fixed" | "resolved" | "max_repeats",
-            "unresolved": [[name, name], ...]}`` (pairs still unresolved at the end).
+            "unresolved": [[name, name], ...], "rounds_added": n}`` (pairs still undecided at
+            the end; rounds run beyond ``repeats``).
         config: the LatencyConfig used (its ``seed`` fixed the orders).
     """
 
@@ -712,12 +713,16 @@ def measure_rounds(
         while True:
             if rnd >= cfg.repeats:
                 if cfg.max_repeats <= cfg.repeats or len(items) < 2:
-                    stop = {"reason": "fixed", "unresolved": []}
+                    stop = {"reason": "fixed", "unresolved": [], "rounds_added": 0}
                     break
                 todo = _open_pairs(items, pairs, cfg)
                 if not todo or rnd >= cfg.max_repeats:
                     named = [[str(items[i].name), str(items[j].name)] for i, j in todo]
-                    stop = {"reason": "max_repeats" if todo else "resolved", "unresolved": named}
+                    stop = {
+                        "reason": "max_repeats" if todo else "resolved",
+                        "unresolved": named,
+                        "rounds_added": rnd - cfg.repeats,
+                    }
                     break
             order = [int(i) for i in rng.permutation(len(items))] if len(items) > 1 else [0]
             reps = one_round(order, rnd == 0)
