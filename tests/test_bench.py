@@ -295,6 +295,18 @@ def test_only_the_pairs_given_decide_the_round_count(clock):
     assert neighbours.rounds == 6 and ["A", "B"] in neighbours.stop["unresolved"]
 
 
+def test_rewarm_lasts_its_time_as_well_as_its_calls(clock):
+    """A fast engine is re-warmed for rewarm_s after another engine ran, not just rewarm_iters calls."""
+    log: list[str] = []
+    runners = [SleepRunner(0.001, "A", log), SleepRunner(0.001, "B", log)]
+    cfg = _cfg(warmup_iters=1, min_iters=2, max_iters=2, repeats=2, rewarm_iters=2, rewarm_s=0.0095, seed=0)
+    measure_rounds([(r, BATCH) for r in runners], cfg)
+    chunks = [n for _, n in _chunks(log)]
+    # warm-ups (1 call each), then 4 chunks: the very first has no re-warm (2 calls), the others
+    # 10 re-warm calls (9.5 ms in 1 ms calls, more than rewarm_iters) + 2 timed
+    assert chunks == [1, 1, 2, 12, 12, 12]
+
+
 def test_adaptive_round_settings_are_checked():
     with pytest.raises(UserInputError, match="max_repeats"):
         LatencyConfig(repeats=5, max_repeats=3)

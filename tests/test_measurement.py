@@ -228,3 +228,10 @@ def test_sweep_asks_for_the_front_neighbours_and_the_naive_pairs():
     # when int8 is no faster than fp32, the int8 engines drop off the front and out of the pairs
     got = {tuple(sorted(p)) for p in pairs([1.0, 1.2, 2.0, 2.5])}
     assert got == {(0, 2)}
+    # a naive point per shape mode (the report takes the selected point's): both are paired with the front
+    dyn = pt(64, "fp32", False, 0.70)
+    dyn.shape_mode = "dynamic"
+    members.append(_Pending(dyn, {}, {}, "e4"))
+    pairs = groups._pairs_that_matter(members, keys + ["e4"], 1)
+    got = {tuple(sorted(p)) for p in pairs([1.0, 1.2, 2.0, 2.5, 1.1])}
+    assert {(0, 4), (2, 4)} <= got and (0, 2) in got

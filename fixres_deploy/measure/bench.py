@@ -72,7 +72,9 @@ class LatencyConfig:
             total per measurement); the least-contended attempt of each round is kept.
         remeasure_wait_s: pause before measuring a contended repeat again.
         rewarm_iters: untimed calls before each interleaved chunk (after switching engines the
-            caches hold another engine's weights).
+            caches hold another engine's weights) ...
+        rewarm_s: ... and untimed seconds: the re-warm-up lasts until both are reached (a
+            0.2 ms engine needs more than 3 calls to refill its caches and wake its threads).
         load_sample_interval_s: period of the background load sampler (0: start/end only).
         seed: seed of the per-round engine order (a measurement is reproducible in its plan).
         max_repeats: rounds at most, when engines are interleaved (0: exactly ``repeats``).
@@ -97,6 +99,7 @@ class LatencyConfig:
     remeasure_if_contended: int = 2
     remeasure_wait_s: float = 0.5
     rewarm_iters: int = 3
+    rewarm_s: float = 0.0
     load_sample_interval_s: float = 0.1
     seed: int = 0
     max_repeats: int = 0
@@ -132,6 +135,7 @@ class LatencyConfig:
             "load_sample_interval_s",
             "contention_threshold",
             "resolve_rel",
+            "rewarm_s",
         ):
             if getattr(self, name) < 0:
                 raise UserInputError(f"LatencyConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -151,6 +155,7 @@ class LatencyConfig:
                     "min_iters": 5,
                     "budget_s": 0.8,
                     "repeats": 8,
+                    "rewarm_s": 0.02,
                     "remeasure_if_contended": 3,
                     "remeasure_wait_s": 0.2,
                 },
@@ -162,7 +167,7 @@ class LatencyConfig:
     @classmethod
     def standard(cls, **kw) -> LatencyConfig:
         """The default: 1 s warm-up, 3 s timed in 3 repeats (up to 9 rounds while pairs are unresolved)."""
-        return cls(**_with_max_repeats({}, 9, kw))
+        return cls(**_with_max_repeats({"rewarm_s": 0.05}, 9, kw))
 
     @classmethod
     def thorough(cls, **kw) -> LatencyConfig:
@@ -175,6 +180,7 @@ class LatencyConfig:
                     "min_iters": 20,
                     "budget_s": 10.0,
                     "repeats": 8,
+                    "rewarm_s": 0.1,
                     "remeasure_if_contended": 5,
                     "remeasure_wait_s": 2.0,
                 },
@@ -390,9 +396,12 @@ class _Case:
         self.threads = thread_settings(self.runner)  # while active: a session exists only now
 
     def rewarm(self) -> None:
-        for _ in range(self.cfg.rewarm_iters):
+        cfg, n = self.cfg, 0
+        deadline = time.perf_counter() + cfg.rewarm_s
+        while n < cfg.rewarm_iters or time.perf_counter() < deadline:
             self.call()
-        self.warmup_iters += self.cfg.rewarm_iters
+            n += 1
+        self.warmup_iters += n
 
     def one_repeat(self, budget_s: float) -> _Repeat:
         cfg, call = self.cfg, self.call

@@ -161,15 +161,17 @@ class LatencyGroups:
         cfg = SelectionConfig(batch_size=batch)
         train_res = self.sweep.cfg.train_res
         backends = sorted({str(m.point.backend) for m in members})
+        modes = sorted({str(m.point.shape_mode) for m in members})
 
         def pairs(p50_ms: list[float]) -> list[tuple[int, int]]:
             pts = [replace(m.point, latency_p50_ms=p50_ms[e]) for m, e in zip(members, engine)]
             front = pareto_front(pts, cfg)
             out = {(engine[a], engine[b]) for a, b in itertools.pairwise(front)}
-            for backend in backends:
-                n = naive_point(pts, train_res, backend=backend, batch_size=batch)
-                if n is not None:
-                    out |= {(engine[n], engine[f]) for f in front}
+            for backend in backends:  # the report's naive point follows the selected one's backend and shape mode
+                for mode in modes:
+                    n = naive_point(pts, train_res, backend=backend, batch_size=batch, shape_mode=mode)
+                    if n is not None:
+                        out |= {(engine[n], engine[f]) for f in front}
             return sorted((i, j) for i, j in out if i != j)
 
         return pairs
