@@ -4,6 +4,7 @@ and the server end to end with real clients (httpx on /v1/classify, tritonclient
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import threading
@@ -195,11 +196,23 @@ def bundle(demo_trained, tmp_path_factory):
         [
             "export-multires", "--checkpoints", *cks, "--bundle", str(out), "--val-data", demo_trained["val"],
             "--validation-data", demo_trained["val"], "--max-batch", "8", "--batch-sizes", "1,4,8",
-            "--repeats", "2", "--threads", "1",
+            "--repeats", "2", "--threads", "1", "--val-limit", "30",
         ]
     )  # fmt: skip
     assert rc == 0
     return str(out)
+
+
+def test_bundle_accuracy_scored_on_the_images_asked_for(bundle, demo_trained, tmp_path, capsys):
+    """--val-limit bounds the images behind the manifest's per-resolution top-1 (class-balanced); -1 is refused."""
+    from fixres_deploy.cli.app import main
+
+    acc = json.loads(open(os.path.join(bundle, "manifest.json")).read())["multires"]["accuracy"]
+    assert [a["resolution"] for a in acc] == list(RES) and all(a["n"] == 30 for a in acc)
+    rc = main(
+        ["export-multires", "--checkpoints", "a.pt", "b.pt", "--bundle", str(tmp_path / "b"), "--val-limit", "-1"]
+    )
+    assert rc == 2 and "--val-limit" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

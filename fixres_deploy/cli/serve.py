@@ -26,6 +26,7 @@ def cmd_export_multires(args: argparse.Namespace) -> int:
             precision=args.precision,
             validation_data=args.validation_data,
             val_data=args.val_data,
+            val_limit=args.val_limit or None,
             calibration_data=args.calibration_data,
             max_batch=args.max_batch,
             batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"),
@@ -115,6 +116,12 @@ def _export_multires_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--validation-data", help="images for the export validation (default: rendered demo images)")
     p.add_argument("--val-data", help="labelled image folder: the engine's top-1 per resolution goes in the manifest")
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        default=400,
+        help="score at most N --val-data images, class-balanced (default 400; 0: all of them)",
+    )
     p.add_argument("--calibration-data", help="int8: images like the deployment's (calibrated at every resolution)")
     p.add_argument("--max-batch", type=int, default=16, help="the engine's largest batch (default 16)")
     p.add_argument("--batch-sizes", default="1,2,4,8,16", help="latency table columns (default 1,2,4,8,16)")

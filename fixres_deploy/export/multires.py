@@ -453,6 +453,7 @@ def build_multires_bundle(
     precision: str = "fp32",
     validation_data=None,
     val_data=None,
+    val_limit: int | None = 400,
     calibration_data=None,
     calibration_limit: int | None = 256,
     max_batch: int = 16,
@@ -480,6 +481,9 @@ def build_multires_bundle(
         validation_data: images for the export's validation (None: rendered demo images).
         val_data: a labelled image folder: the engine's top-1 per resolution goes into the
             manifest; without it the checkpoints' recorded fine-tune top-1 is used.
+        val_limit: score at most this many ``val_data`` images (class-balanced; None: all).
+            The policy picks the most accurate feasible resolution by these figures: when
+            resolutions differ by a point or two, score enough images to tell them apart.
         max_batch, batch_sizes: the engine's batch range and the latency table's columns.
         threads: ONNX Runtime intra-op threads for the table (and the server: same setting).
         workers: preprocessing threads for the table (and the server).
@@ -510,6 +514,8 @@ def build_multires_bundle(
         raise UserInputError(
             "int8 needs --calibration-data (images like the deployment's, preprocessed at every resolution)"
         )
+    if val_limit is not None and int(val_limit) < 1:
+        raise UserInputError(f"--val-limit must be >= 1 (or 0 for every image), got {val_limit}")
     if val_data is not None and not os.path.isdir(os.fspath(val_data)):
         raise UserInputError(f"--val-data '{val_data}' is not a folder (expected ROOT/<class>/<image>)")
     work = os.path.abspath(os.fspath(work_dir or out_dir + ".work"))
@@ -548,7 +554,7 @@ def build_multires_bundle(
         br = BatchRunner(runner, cfg, max_batch=int(max_batch), workers=workers)
         try:
             if val_data is not None:
-                accuracy = measure_accuracy(br, val_data, res, fset.base.class_names)
+                accuracy = measure_accuracy(br, val_data, res, fset.base.class_names, limit=val_limit)
             else:
                 accuracy = [
                     {"resolution": r, "top1": t, "n": None, "source": "checkpoint fine-tune record (top1_after)"}
