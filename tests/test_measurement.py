@@ -235,3 +235,11 @@ def test_sweep_asks_for_the_front_neighbours_and_the_naive_pairs():
     pairs = groups._pairs_that_matter(members, keys + ["e4"], 1)
     got = {tuple(sorted(p)) for p in pairs([1.0, 1.2, 2.0, 2.5, 1.1])}
     assert {(0, 4), (2, 4)} <= got and (0, 2) in got
+
+
+def test_paired_ratio_with_three_rounds_gives_a_finite_or_open_interval_never_an_error():
+    """Bootstrap-t on 3 rounds (resamples of one repeated round have rounding-only spread): no overflow."""
+    r = paired_ratio_interval([0.412603, 0.26816300000000004, 0.2887235], [0.16866, 0.241559, 0.1721955])
+    lo, hi = r["ci"]
+    assert 0.0 <= lo <= r["ratio"] <= hi and r["rounds"] == 3
+    assert r["contains_1"] == (lo <= 1.0 <= hi)

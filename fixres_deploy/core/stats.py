@@ -123,11 +123,14 @@ def paired_ratio_interval(
         rng = np.random.default_rng(seed)
         boot = logs[rng.integers(0, n, size=(n_boot, n))]
         b_se = boot.std(axis=1, ddof=1) / math.sqrt(n)
-        keep = b_se > 0  # a resample of one repeated round carries no spread to standardize by
+        # a resample of one repeated round has no spread to standardize by (its float-rounding
+        # "spread" would make t astronomically large): left out
+        keep = b_se > 1e-9 * se
         t = (boot.mean(axis=1)[keep] - mean) / b_se[keep]
         tail = (1.0 - level) / 2.0
         t_lo, t_hi = np.quantile(t, [tail, 1.0 - tail])
-        lo, hi = math.exp(mean - t_hi * se), math.exp(mean - t_lo * se)
+        # with very few rounds t is heavy-tailed: the interval may reach 0 or infinity (a tie)
+        lo, hi = (float(np.exp(np.clip(v, -700.0, 700.0))) for v in (mean - t_hi * se, mean - t_lo * se))
     return {
         "ratio": math.exp(mean),
         "ci": [float(lo), float(hi)],
