@@ -159,6 +159,10 @@ def demo_pipeline_config(out: str, prep: dict, *, size: str = "full") -> Pipelin
         calibration_size=100 if quick else 200,
         exporter="torchscript" if quick else "dynamo",
         latency="quick",
+        # one ONNX Runtime thread: the demo's 0.1-0.2 ms engines jitter by 20-40% per round on
+        # a 2-thread pool (the selected-vs-naive ratio then stayed tied at 14 rounds); on one
+        # thread their paired ratios resolve (docs/measurement.md §7)
+        threads=1,
         store=os.path.join(out, "store"),
     )
     return PipelineConfig(
