@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-# The main job on the built-in demo data (~3.5 min on 2 CPU cores, after the install).
+# The main job on the built-in demo data (~4.5 min on 2 CPU cores, after the install).
 demo: $(STAMP)
 	$(VENV)/bin/fixres-deploy demo --out runs/demo
 
