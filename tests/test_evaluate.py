@@ -77,6 +77,20 @@ def test_hash_split_is_stable_and_disjoint(random_folder):
     assert len(tr1) + len(va1) == len(idx)
 
 
+def test_held_out_split_as_a_folder_of_links_indexes_the_same(random_folder, tmp_path):
+    from fixres_deploy.data.folders import link_index
+
+    _, val = split_by_hash(index_image_folder(random_folder), 0.3)
+    out = link_index(val, tmp_path / "val")
+    again = index_image_folder(out, classes=val.classes)
+    assert [(os.path.basename(s.path), s.label) for s in again.samples] == [
+        (os.path.basename(s.path), s.label) for s in val.samples
+    ]
+    assert all(os.path.islink(s.path) for s in again.samples)
+    link_index(val, out)  # a second call keeps the links
+    assert len(index_image_folder(out, classes=val.classes)) == len(val)
+
+
 def test_evaluate_cli_contract(tmp_path, random_folder, capsys):
     model, _, _ = build_model("torchvision:resnet18", 3)
     ck = tmp_path / "ck.pt"

@@ -24,6 +24,7 @@ def main(argv=None) -> int:
         DEFAULT_VAL_FRACTION,
         class_balanced_subset,
         index_image_folder,
+        link_index,
         split_by_hash,
     )
 
@@ -40,11 +41,7 @@ def main(argv=None) -> int:
     if args.per_class:
         val = class_balanced_subset(val, args.per_class, seed=0)
     tmp = args.out.rstrip("/") + ".partial"
-    for s in val.samples:
-        d = os.path.join(tmp, val.classes[s.label])
-        os.makedirs(d, exist_ok=True)
-        os.symlink(os.path.abspath(s.path), os.path.join(d, os.path.basename(s.path)))
-    os.rename(tmp, args.out)
+    os.rename(link_index(val, tmp), args.out)
     print(f"{len(val.samples)} held-out images of {len(val.classes)} classes linked under {args.out}")
     return 0
 

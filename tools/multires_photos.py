@@ -42,7 +42,13 @@ def main(argv=None) -> int:
     import torch
 
     from fixres_deploy.core.preprocess import PreprocessConfig, eval_transform
-    from fixres_deploy.data.folders import class_balanced_subset, index_image_folder, load_rgb, split_by_hash
+    from fixres_deploy.data.folders import (
+        class_balanced_subset,
+        index_image_folder,
+        link_index,
+        load_rgb,
+        split_by_hash,
+    )
     from fixres_deploy.fixres.finetune import FinetuneOptions, finetune_resolutions
     from fixres_deploy.models.registry import LoadedModel, build_model, fixres_record, save_checkpoint
 
@@ -53,12 +59,7 @@ def main(argv=None) -> int:
     train, val = split_by_hash(index, 0.1)
     train = class_balanced_subset(train, args.train_per_class, seed=0)
     val = class_balanced_subset(val, args.val_per_class, seed=0)
-    for s in val.samples:
-        d = os.path.join(args.out, "val", val.classes[s.label])
-        os.makedirs(d, exist_ok=True)
-        dst = os.path.join(d, os.path.basename(s.path))
-        if not os.path.exists(dst):
-            os.symlink(os.path.abspath(s.path), dst)
+    link_index(val, os.path.join(args.out, "val"))
     model, mean, std = build_model("fixres:efficientnet_lite0", len(index.classes))
     model.eval()
     cfg = PreprocessConfig(

@@ -169,6 +169,21 @@ def class_balanced_subset(index: ImageFolderIndex, per_class: int, seed: int = 0
     return index.subset(sorted(chosen, key=lambda s: (s.label, s.path)))
 
 
+def link_index(index: ImageFolderIndex, out_dir: str | os.PathLike) -> str:
+    """A folder ``out_dir/<class>/<file>`` of symbolic links to ``index``'s images (existing links kept).
+
+    Lets commands that take a labelled folder see exactly a split or subset (e.g. the held-out
+    hash split) without copying the images.
+    """
+    for s in index.samples:
+        d = os.path.join(out_dir, index.classes[s.label])
+        os.makedirs(d, exist_ok=True)
+        dst = os.path.join(d, os.path.basename(s.path))
+        if not os.path.lexists(dst):
+            os.symlink(os.path.abspath(s.path), dst)
+    return os.fspath(out_dir)
+
+
 def load_rgb(path: str):
     """Open an image fully (decode now, so corruption shows here) as 8-bit RGB (:func:`to_rgb`)."""
     from PIL import Image

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -206,7 +207,7 @@ class LatencyConfig:
 def _with_max_repeats(preset: dict, max_repeats: int, kw: dict) -> dict:
     """A preset's settings overridden by ``kw``; its round cap never below the rounds asked for."""
     d = preset | kw
-    d.setdefault("max_repeats", max(max_repeats, int(d.get("repeats", 3))))
+    d.setdefault("max_repeats", max(max_repeats, int(d.get("repeats", LatencyConfig.repeats))))
     return d
 
 
@@ -360,6 +361,15 @@ class _Repeat:
             return 0.0
         return self.load["other_cores_busy"] + self.load.get("steal_cores", 0.0)
 
+    @functools.cached_property
+    def stats_ms(self) -> dict[str, float]:
+        """p50, p90, p99 and mean of this repeat's calls (ms), computed once: the adaptive round
+        count reads every kept round's p50 after each added round."""
+        ms = self.samples_ns / 1e6
+        out = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
+        out["mean"] = float(ms.mean())
+        return out
+
 
 class _Case:
     """One (runner, batch) being measured; keeps its warm-up and repeats."""
@@ -439,7 +449,7 @@ class _Case:
         per_rep = [r.samples_ns / 1e6 for r in self.kept]
         pooled = np.concatenate(per_rep)
         pct = {f"p{p:g}": float(np.median([np.percentile(x, p) for x in per_rep])) for p in cfg.percentiles}
-        p50s = [float(np.percentile(x, 50)) for x in per_rep]
+        p50s = [r.stats_ms["p50"] for r in self.kept]
         med = float(np.median(p50s))
         mean = float(pooled.mean())
         batch_size = int(self.batch.shape[0]) if self.batch.ndim else 1
@@ -611,13 +621,6 @@ class RoundsResult:
         return cls.from_dict(read_json(path), os.fspath(path))
 
 
-def _round_stats(rep: _Repeat) -> dict[str, float]:
-    ms = rep.samples_ns / 1e6
-    out = {f"p{p}": float(np.percentile(ms, p)) for p in (50, 90, 99)}
-    out["mean"] = float(ms.mean())
-    return out
-
-
 PairsFn = Callable[[list[float]], Iterable[tuple[int, int]]]
 
 
@@ -752,7 +755,7 @@ def measure_rounds(
         log.info("latency rounds: %d (%s)", rnd, stop["reason"])
     for c in items:
         c.remeasured = rerun
-    per_engine = [[_round_stats(r) for r in c.kept] for c in items]
+    per_engine = [[r.stats_ms for r in c.kept] for c in items]
     round_ms = {s: [[per_engine[i][k][s] for i in range(len(items))] for k in range(len(orders))] for s in ROUND_STATS}
     return RoundsResult(
         names=[str(c.name) for c in items],
@@ -768,7 +771,7 @@ def measure_rounds(
 
 
 def _open_pairs(items: list[_Case], pairs: PairsFn | None, cfg: LatencyConfig) -> list[tuple[int, int]]:
-    rows = [[float(np.percentile(r.samples_ns, 50)) / 1e6 for r in c.kept] for c in items]
+    rows = [[r.stats_ms["p50"] for r in c.kept] for c in items]
     medians = [float(np.median(r)) for r in rows]
     wanted = (pairs or latency_neighbours)(medians)
     per_round = [list(col) for col in zip(*rows)]
